@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="simple-nmt",
+    version="0.1.0",
+    description="Neural machine translation (LSTM seq2seq, Transformer) with reinforcement-learning fine-tuning",
+    packages=find_packages(include=["simple_nmt", "simple_nmt.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3,<3",
+        "pytorch-ignite>=0.5,<0.6",
+        "sacrebleu>=2.3,<3",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "sentencepiece>=0.1.99",
+    ],
+    extras_require={
+        "tensorboard": ["tensorboard>=2.10"],
+        "test": ["pytest>=7", "nltk>=3.8", "hypothesis>=6", "ruff>=0.5"],
+    },
+)

@@ -1,0 +1,90 @@
+"""Plain-data checkpoints: atomic writes, loads that can never run code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.handlers.checkpoint import BaseSaveHandler
+
+
+META_KEYS = {"config", "src_vocab", "tgt_vocab", "src_spm", "tgt_spm"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file."""
+
+
+def save_checkpoint(data: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    A process killed at any moment leaves either the old file or the new one, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(data), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint of plain data with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupted file, or one that needs pickle to load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint (not a complete torch archive)")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"needs {found.group(1)}" if found else "holds objects that only pickle can load"
+        raise CheckpointError(f"{path}: refused: the checkpoint {what}; only plain data is loaded") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None
+    meta = data.get("meta") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or not META_KEYS <= meta.keys() or "model" not in data:
+        raise CheckpointError(f"{path}: not a simple-nmt checkpoint (it lacks model weights or {sorted(META_KEYS)})")
+    return data
+
+
+class AtomicSaver(BaseSaveHandler):
+    """Save handler for ``ignite.handlers.Checkpoint``: atomic writes, removals only after a good write.
+
+    Ignite asks to remove a superseded file before it saves the new one; this
+    handler defers that removal until the new file is safely in place, and never
+    removes the file it is about to overwrite.
+    """
+
+    def __init__(self, dirname: str | Path):
+        self.dirname = Path(dirname)
+        self._pending: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        save_checkpoint(checkpoint, self.dirname / filename)
+        for old in self._pending:
+            if old != filename and (self.dirname / old).exists():
+                os.remove(self.dirname / old)
+        self._pending = []
+
+    def remove(self, filename: str) -> None:
+        self._pending.append(filename)

@@ -1,0 +1,308 @@
+"""Parallel text: reading, tokenizers, vocabularies, length-bucketed batches."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+class DataError(ValueError):
+    """A problem with user data; the message is one line naming the file (and line)."""
+
+
+def split_lang(lang: str) -> tuple[str, str]:
+    """Split a language pair such as ``ende`` into ``("en", "de")``."""
+    if len(lang) != 4 or not lang.isalpha():
+        raise ValueError(f"--lang must be two 2-letter codes such as 'ende', got {lang!r}")
+    return lang[:2], lang[2:]
+
+
+def read_lines(path: str | Path, encoding_errors: str = "strict") -> tuple[list[str], int]:
+    """Read a UTF-8 text file into lines without their line breaks.
+
+    Args:
+        path: the file.
+        encoding_errors: ``"strict"`` raises on bad bytes, ``"replace"`` replaces them.
+
+    Returns:
+        The lines and the number of lines in which bytes were replaced.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    lines, n_replaced = [], 0
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if encoding_errors != "replace":
+                raise DataError(
+                    f"{path}:{i}: not valid UTF-8 (byte {e.start}); "
+                    "fix the file or pass --encoding_errors replace"
+                ) from None
+            text, n_replaced = line.decode("utf-8", errors="replace"), n_replaced + 1
+        lines.append(text.rstrip("\r"))
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines, n_replaced
+
+
+def read_parallel(
+    prefix: str, lang: str, encoding_errors: str = "strict"
+) -> tuple[list[str], list[str], int]:
+    """Read ``PREFIX.SRC`` and ``PREFIX.TGT`` for ``lang`` such as ``ende``.
+
+    Returns:
+        Source lines, target lines and the number of lines with replaced bytes.
+    """
+    src_lang, tgt_lang = split_lang(lang)
+    src_fn, tgt_fn = f"{prefix}.{src_lang}", f"{prefix}.{tgt_lang}"
+    src, n_src = read_lines(src_fn, encoding_errors)
+    tgt, n_tgt = read_lines(tgt_fn, encoding_errors)
+    if not src:
+        raise DataError(f"{src_fn}: file is empty")
+    if len(src) != len(tgt):
+        raise DataError(
+            f"{src_fn} has {len(src)} lines but {tgt_fn} has {len(tgt)}: "
+            "parallel files must have the same number of lines"
+        )
+    return src, tgt, n_src + n_tgt
+
+
+class Tokenizer:
+    """Whitespace tokenizer: the input is pre-tokenized (or BPE) text."""
+
+    def encode(self, text: str) -> list[str]:
+        """Split a line into tokens."""
+        return text.split()
+
+    def decode(self, tokens: Sequence[str]) -> str:
+        """Join tokens into a line."""
+        return " ".join(tokens)
+
+    def model_bytes(self) -> bytes | None:
+        """The serialised model to store in a checkpoint (none for whitespace)."""
+        return None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece subwords: raw text in, detokenized text out."""
+
+    def __init__(self, model: bytes):
+        import sentencepiece as spm
+
+        self._model = model
+        self._sp = spm.SentencePieceProcessor(model_proto=model)
+
+    @classmethod
+    def train(cls, lines: Sequence[str], vocab_size: int, seed: int = 1) -> SentencePieceTokenizer:
+        """Train a unigram SentencePiece model on ``lines``.
+
+        Args:
+            lines: training sentences (raw text).
+            vocab_size: the number of pieces.
+            seed: the sampling seed of the trainer (for reproducibility).
+        """
+        import sentencepiece as spm
+
+        buffer = io.BytesIO()
+        spm.set_random_generator_seed(seed)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([line for line in lines if line.strip()]),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            num_threads=1,
+            minloglevel=2,
+        )
+        return cls(buffer.getvalue())
+
+    def encode(self, text: str) -> list[str]:
+        return self._sp.encode(text, out_type=str)
+
+    def decode(self, tokens: Sequence[str]) -> str:
+        return self._sp.decode_pieces(list(tokens))
+
+    def model_bytes(self) -> bytes:
+        return self._model
+
+
+def tokenizer_from_bytes(model: bytes | None) -> Tokenizer:
+    """The tokenizer stored in a checkpoint: SentencePiece if a model is given."""
+    return SentencePieceTokenizer(model) if model else Tokenizer()
+
+
+class Vocab:
+    """Token <-> id mapping with PAD/UNK/BOS/EOS at ids 0..3."""
+
+    def __init__(self, itos: Sequence[str]):
+        if list(itos[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"a vocabulary must start with {SPECIALS}")
+        self.itos = list(itos)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, sentences: Sequence[Sequence[str]], max_vocab: int = 0, min_freq: int = 1) -> Vocab:
+        """Build from tokenized sentences, most frequent first.
+
+        Args:
+            sentences: token lists.
+            max_vocab: the most ids, specials included (0: no limit).
+            min_freq: tokens seen fewer times map to UNK.
+        """
+        counts = Counter(token for sentence in sentences for token in sentence)
+        words = sorted((w for w, c in counts.items() if c >= min_freq and w not in SPECIALS),
+                       key=lambda w: (-counts[w], w))
+        if max_vocab > 0:
+            words = words[: max(0, max_vocab - len(SPECIALS))]
+        return cls(SPECIALS + words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, tokens: Sequence[str]) -> list[int]:
+        """Map tokens to ids (unknown tokens to UNK)."""
+        return [self.stoi.get(t, UNK) for t in tokens]
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """Map ids to tokens, stopping at EOS and skipping PAD and BOS."""
+        tokens = []
+        for i in ids:
+            if i == EOS:
+                break
+            if i not in (PAD, BOS):
+                tokens.append(self.itos[i])
+        return tokens
+
+
+@dataclass
+class TextField:
+    """A tokenizer and a vocabulary: the way from a line to ids and back."""
+
+    tokenizer: Tokenizer
+    vocab: Vocab
+
+    def to_ids(self, line: str) -> list[int]:
+        """Tokenize and map a line to ids (without BOS/EOS)."""
+        return self.vocab.encode(self.tokenizer.encode(line))
+
+    def to_text(self, ids: Sequence[int]) -> str:
+        """Map ids back to a (detokenized) line."""
+        return self.tokenizer.decode(self.vocab.decode(ids))
+
+
+class ParallelDataset(torch.utils.data.Dataset):
+    """Pairs of id lists, pairs longer than ``max_length`` tokens dropped."""
+
+    def __init__(self, src: Sequence[list[int]], tgt: Sequence[list[int]], max_length: int = 0):
+        keep = [
+            i for i in range(len(src))
+            if max_length <= 0 or (len(src[i]) <= max_length and len(tgt[i]) <= max_length)
+        ]
+        self.n_dropped = len(src) - len(keep)
+        self.src = [src[i] for i in keep]
+        self.tgt = [tgt[i] for i in keep]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> tuple[int, list[int], list[int]]:
+        return i, self.src[i], self.tgt[i]
+
+    def lengths(self) -> list[tuple[int, int]]:
+        """(source length, target length) of every pair, for batching."""
+        return [(len(s), len(t)) for s, t in zip(self.src, self.tgt)]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> torch.Tensor:
+    """Right-pad id lists into a (batch_size, max_length) long tensor."""
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(examples: Sequence[tuple[int, list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Batch examples: ``index`` (B,), ``src`` (B, S), ``src_lengths`` (B,), ``tgt`` = BOS y EOS (B, T + 2).
+
+    An empty source becomes a single UNK, so that every source has a length.
+    """
+    src = [s if s else [UNK] for _, s, _ in examples]
+    return {
+        "index": torch.tensor([i for i, _, _ in examples], dtype=torch.long),
+        "src": pad_batch(src),
+        "src_lengths": torch.tensor([len(s) for s in src], dtype=torch.long),
+        "tgt": pad_batch([[BOS] + t + [EOS] for _, _, t in examples]),
+    }
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of similar lengths, shuffled per epoch, reproducible under a seed.
+
+    Batches hold ``batch_size`` sentences, or as many as fit in ``max_tokens``
+    padded tokens (the longer of source and target). Call ``set_epoch`` before
+    each epoch; with ``num_replicas`` > 1 each rank gets every ``num_replicas``-th batch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[tuple[int, int]],
+        batch_size: int = 64,
+        max_tokens: int = 0,
+        shuffle: bool = True,
+        seed: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        self.lengths = list(lengths)
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.shuffle, self.seed = shuffle, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order to produce."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        keys = [rng.random() if self.shuffle else 0.0 for _ in self.lengths]
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], keys[i]))
+        batches, batch, width = [], [], 0
+        for i in order:
+            new_width = max(width, *self.lengths[i])
+            full = (len(batch) >= self.batch_size if self.max_tokens <= 0
+                    else new_width * (len(batch) + 1) > self.max_tokens)
+            if batch and full:
+                batches.append(batch)
+                batch, new_width = [], max(self.lengths[i])
+            batch.append(i)
+            width = new_width
+        if batch:
+            batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        if self.num_replicas > 1:
+            batches = batches[: len(batches) - len(batches) % self.num_replicas] or batches
+            batches = batches[self.rank :: self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

@@ -1,0 +1,59 @@
+"""What every encoder-decoder offers: teacher forcing, one decoding step, search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from simple_nmt import search as decoding
+
+
+class EncoderDecoder(nn.Module):
+    """Base class of the models: subclasses define ``encode``, ``decode_step`` and ``forward``.
+
+    ``search`` and ``batch_beam_search`` are written once, in ``simple_nmt.search``,
+    over the step interface; a research model gets them by subclassing this.
+    """
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:
+        """Encode |src| = (batch_size, src_length) into a decoder state (batch first)."""
+        raise NotImplementedError
+
+    def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One step: |y_prev| = (batch_size,) -> log-probs (batch_size, vocab_size), new state."""
+        raise NotImplementedError
+
+    def search(
+        self,
+        src: torch.Tensor,
+        src_lengths: torch.Tensor,
+        is_greedy: bool = True,
+        max_length: int = 255,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        n_samples: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding or sampling; see ``simple_nmt.search.sample_search``."""
+        return decoding.sample_search(
+            self, src, src_lengths, is_greedy=is_greedy, max_length=max_length,
+            temperature=temperature, top_k=top_k, top_p=top_p, n_samples=n_samples,
+        )
+
+    def batch_beam_search(
+        self,
+        src: torch.Tensor,
+        src_lengths: torch.Tensor,
+        beam_size: int = 5,
+        max_length: int = 255,
+        max_length_ratio: float = 0.0,
+        length_penalty: float = 1.0,
+        n_best: int = 1,
+    ) -> tuple[list[list[list[int]]], torch.Tensor]:
+        """Beam search over the whole batch; see ``simple_nmt.search.beam_search``."""
+        return decoding.beam_search(
+            self, src, src_lengths, beam_size=beam_size, max_length=max_length,
+            max_length_ratio=max_length_ratio, length_penalty_alpha=length_penalty, n_best=n_best,
+        )

@@ -1,0 +1,177 @@
+"""Pre-LayerNorm Transformer (Vaswani et al., 2017; Xiong et al., 2020) with a key/value cache."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simple_nmt.data import PAD
+from simple_nmt.models.base import EncoderDecoder
+
+
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal position encodings: |positions| = (length,) -> (length, dim)."""
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device).float() * (-math.log(10000.0) / dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # |angles| = (length, dim / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).view(-1, dim)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention whose keys/values can be projected once and cached."""
+
+    def __init__(self, hidden_size: int, n_splits: int, dropout: float):
+        super().__init__()
+        if hidden_size % n_splits:
+            raise ValueError("--hidden_size must be divisible by --n_splits")
+        self.n_splits, self.dropout = n_splits, dropout
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        # |x| = (batch_size, length, hidden_size) -> (batch_size, n_splits, length, head_size)
+        return x.view(x.size(0), x.size(1), self.n_splits, -1).transpose(1, 2)
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of |x| = (batch_size, length, hidden_size), each split into heads."""
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attend from |x| = (batch_size, length, hidden_size); ``mask`` is True where attending is allowed."""
+        q = self._split(self.q(x))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        # |o| = (batch_size, n_splits, length, head_size)
+        return self.out(o.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
+
+
+class FeedForward(nn.Sequential):
+    """Position-wise feed-forward block, 4 x hidden_size wide."""
+
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__(
+            nn.Linear(hidden_size, 4 * hidden_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(4 * hidden_size, hidden_size),
+        )
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, hidden_size: int, n_splits: int, dropout: float):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = nn.LayerNorm(hidden_size), nn.LayerNorm(hidden_size)
+        self.attn = MultiHeadAttention(hidden_size, n_splits, dropout)
+        self.ffn = FeedForward(hidden_size, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.attn_norm(x)
+        x = x + self.dropout(self.attn(z, *self.attn.project_kv(z), mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, hidden_size: int, n_splits: int, dropout: float):
+        super().__init__()
+        self.self_norm, self.cross_norm, self.ffn_norm = (nn.LayerNorm(hidden_size) for _ in range(3))
+        self.self_attn = MultiHeadAttention(hidden_size, n_splits, dropout)
+        self.cross_attn = MultiHeadAttention(hidden_size, n_splits, dropout)
+        self.ffn = FeedForward(hidden_size, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_kv: tuple[torch.Tensor, torch.Tensor],
+        self_mask: torch.Tensor | None,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cross_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """|x| = (batch_size, length, hidden_size); the self-attention keys/values are given
+        (the whole prefix, cached or not), so that one code path serves training and decoding."""
+        x = x + self.dropout(self.self_attn(self.self_norm(x), *self_kv, self_mask))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), *cross_kv, cross_mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class Transformer(EncoderDecoder):
+    """Pre-LN Transformer encoder-decoder with sinusoidal positions.
+
+    Args:
+        src_vocab_size, tgt_vocab_size: vocabulary sizes.
+        hidden_size: model size (the feed-forward blocks are 4x wider).
+        n_splits: attention heads.
+        n_layers: encoder blocks and decoder blocks.
+        dropout: on embeddings, attention weights and residual branches.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        hidden_size: int = 512,
+        n_splits: int = 8,
+        n_layers: int = 6,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.src_emb = nn.Embedding(src_vocab_size, hidden_size, padding_idx=PAD)
+        self.tgt_emb = nn.Embedding(tgt_vocab_size, hidden_size, padding_idx=PAD)
+        self.encoder = nn.ModuleList(EncoderBlock(hidden_size, n_splits, dropout) for _ in range(n_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(hidden_size, n_splits, dropout) for _ in range(n_layers))
+        self.encoder_norm, self.decoder_norm = nn.LayerNorm(hidden_size), nn.LayerNorm(hidden_size)
+        self.generator = nn.Linear(hidden_size, tgt_vocab_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        # |ids| = (batch_size, length) -> (batch_size, length, hidden_size)
+        positions = torch.arange(start, start + ids.size(1), device=ids.device)
+        x = emb(ids) * math.sqrt(self.hidden_size) + sinusoids(positions, self.hidden_size)
+        return self.dropout(x)
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:
+        src_mask = (src != PAD)[:, None, None, :]  # |src_mask| = (batch_size, 1, 1, src_length)
+        x = self._embed(self.src_emb, src)
+        for block in self.encoder:
+            x = block(x, src_mask)
+        memory = self.encoder_norm(x)  # |memory| = (batch_size, src_length, hidden_size)
+        n_splits = self.decoder[0].self_attn.n_splits
+        empty = memory.new_zeros(src.size(0), n_splits, 0, self.hidden_size // n_splits)
+        return {
+            "src_mask": src_mask,
+            # encoder keys/values, projected once for all steps
+            "cross_kv": [block.cross_attn.project_kv(memory) for block in self.decoder],
+            # self-attention cache, one position longer each step
+            "self_kv": [(empty, empty) for _ in self.decoder],
+            "step": 0,
+        }
+
+    def _decode(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, list]:
+        """Run the decoder blocks over |x| = (batch_size, length, hidden_size)."""
+        self_mask = None
+        if causal:
+            length = x.size(1)
+            self_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        new_cache = []
+        for block, (k_cache, v_cache), cross_kv in zip(self.decoder, state["self_kv"], state["cross_kv"]):
+            k, v = block.self_attn.project_kv(block.self_norm(x))
+            self_kv = (torch.cat([k_cache.to(k.dtype), k], dim=2), torch.cat([v_cache.to(v.dtype), v], dim=2))
+            new_cache.append(self_kv)
+            x = block(x, self_kv, self_mask, cross_kv, state["src_mask"])
+        return self.decoder_norm(x), new_cache
+
+    def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = self._embed(self.tgt_emb, y_prev[:, None], start=state["step"])  # (batch_size, 1, hidden_size)
+        h, cache = self._decode(x, state, causal=False)
+        log_probs = self.generator(h.squeeze(1)).float().log_softmax(dim=-1)
+        return log_probs, dict(state, self_kv=cache, step=state["step"] + 1)
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: |tgt_in| = (batch_size, length) -> log-probs (batch_size, length, vocab_size)."""
+        state = self.encode(src, src_lengths)
+        h, _ = self._decode(self._embed(self.tgt_emb, tgt_in), state, causal=True)
+        return self.generator(h).float().log_softmax(dim=-1)

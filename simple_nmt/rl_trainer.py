@@ -1,0 +1,175 @@
+"""Reinforcement-learning fine-tuning: the MLE engine with a sampled-reward loss."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from simple_nmt.data import BOS, EOS, PAD, TextField
+from simple_nmt.rewards import Reward, as_reward
+from simple_nmt.trainer import MaximumLikelihoodEstimationEngine
+
+
+def after_eos(ids: torch.Tensor) -> torch.Tensor:
+    """True at every position after the first EOS: |ids| = (n, length) -> (n, length) bool."""
+    is_eos = (ids == EOS).long()
+    return (is_eos.cumsum(dim=1) - is_eos) > 0
+
+
+def strip_eos(ids: torch.Tensor) -> torch.Tensor:
+    """The tokens before the first EOS, PAD elsewhere: what a reward scores."""
+    return ids.masked_fill(after_eos(ids) | (ids == EOS), PAD)
+
+
+def sequence_log_probs(
+    model: torch.nn.Module, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """log P(ids | src): one teacher-forced forward, summed up to and including EOS.
+
+    Args:
+        src: |src| = (n, src_length).
+        src_lengths: |src_lengths| = (n,).
+        ids: |ids| = (n, length); whatever follows the first EOS is ignored.
+
+    Returns:
+        |log_p| = (n,), with a gradient.
+    """
+    bos = torch.full_like(ids[:, :1], BOS)
+    log_probs = model(src, src_lengths, torch.cat([bos, ids[:, :-1]], dim=1))  # (n, length, vocab_size)
+    token_log_probs = log_probs.gather(2, ids.unsqueeze(2)).squeeze(2)  # |token_log_probs| = (n, length)
+    return token_log_probs.masked_fill(after_eos(ids) | (ids == PAD), 0.0).sum(dim=1)
+
+
+def baseline_and_actors(rewards: torch.Tensor, kind: str, greedy_rewards: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples get a gradient, and the baseline each is compared with.
+
+    Args:
+        rewards: |rewards| = (batch_size, K + 1); column 0 is the actor of ``mean``.
+        kind: ``mean`` (actor 0, baseline the mean of the K others), ``loo`` (every
+            sample an actor, baseline the mean of the K others), ``greedy`` (every
+            sample an actor, baseline the greedy output's reward), ``none``.
+        greedy_rewards: |greedy_rewards| = (batch_size,), for ``greedy``.
+
+    Returns:
+        A boolean actor mask (K + 1,) and the baselines (batch_size, K + 1).
+    """
+    n = rewards.size(1)
+    all_actors = torch.ones(n, dtype=torch.bool, device=rewards.device)
+    if kind == "mean":
+        actors = torch.zeros_like(all_actors)
+        actors[0] = True
+        return actors, rewards[:, 1:].mean(dim=1, keepdim=True).expand(-1, n)
+    if kind == "loo":
+        return all_actors, (rewards.sum(dim=1, keepdim=True) - rewards) / (n - 1)
+    if kind == "greedy":
+        return all_actors, greedy_rewards[:, None].expand(-1, n)
+    if kind == "none":
+        return all_actors, torch.zeros_like(rewards)
+    raise ValueError(f"unknown baseline {kind!r}; known: mean, loo, greedy, none")
+
+
+class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
+    """Fine-tunes a trained model with REINFORCE or minimum risk training.
+
+    Per batch: K + 1 samples of every source from ONE batched ``model.search``
+    without a graph; rewards of all samples at once; log P of the samples that
+    get a gradient from ONE teacher-forced ``forward``. Only the loss and the
+    validation score differ from the MLE engine: accumulation, clipping, AMP,
+    the non-finite guard, handlers and checkpoints are the same.
+
+    Args:
+        model: any module with ``forward(src, src_lengths, tgt_in)`` and
+            ``search(src, src_lengths, is_greedy, max_length, temperature, top_k, top_p[, n_samples])``.
+        optimizer, config, scheduler, device, tgt_field: as for the MLE engine; ``config``
+            also gives the ``rl_*`` options.
+        reward: a callable ``(hyps, refs) -> (batch_size,)`` on PAD-padded id tensors,
+            or a name from ``simple_nmt.rewards.REWARDS`` (default ``config["rl_reward"]``).
+    """
+
+    metric_names = ("reward", "baseline", "advantage", "len_ratio", "no_eos", "|param|", "|g_param|")
+    phase = "rl"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Mapping[str, Any],
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        device: torch.device | str = "cpu",
+        tgt_field: TextField | None = None,
+        reward: str | Reward | None = None,
+    ):
+        super().__init__(model, optimizer, config, scheduler, device, tgt_field)
+        decode = tgt_field.to_text if tgt_field is not None else None
+        self.reward = as_reward(reward or self.config.get("rl_reward", "bleu"),
+                                n_gram=self.config.get("rl_n_gram", 4), pad_id=PAD, decode=decode)
+        self._search_repeats_state = "n_samples" in inspect.signature(model.search).parameters
+
+    def sample(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool = False) -> torch.Tensor:
+        """``n`` outputs per source from one batched search, without a graph.
+
+        Returns:
+            |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1.
+        """
+        c = self.config
+        kwargs = {"is_greedy": is_greedy, "max_length": c.get("max_length", 255) or 255,
+                  "temperature": c.get("rl_temperature", 1.0), "top_k": c.get("rl_top_k", 0),
+                  "top_p": c.get("rl_top_p", 1.0)}
+        with torch.no_grad():
+            if self._search_repeats_state:
+                out = self.model.search(src, src_lengths, n_samples=n, **kwargs)
+            else:  # a research model without n_samples: repeat the sources instead
+                out = self.model.search(src.repeat_interleave(n, 0), src_lengths.repeat_interleave(n, 0), **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix."""
+        c = self.config
+        src, src_lengths = batch["src"], batch["src_lengths"]
+        batch_size, n = src.size(0), c.get("rl_n_samples", 4) + 1
+        refs = strip_eos(batch["tgt"][:, 1:])  # |refs| = (batch_size, length)
+
+        samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
+        hyps = strip_eos(samples)
+        rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
+        greedy_rewards = None
+        if c.get("rl_baseline", "mean") == "greedy":
+            greedy = self.sample(src, src_lengths, 1, is_greedy=True)
+            greedy_rewards = self.reward(strip_eos(greedy), refs).float()
+
+        if c.get("rl_objective", "reinforce") == "mrt":
+            actors, baselines = torch.ones(n, dtype=torch.bool, device=src.device), torch.zeros_like(rewards)
+        else:
+            actors, baselines = baseline_and_actors(rewards, c.get("rl_baseline", "mean"), greedy_rewards)
+        n_actors = int(actors.sum())
+        rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
+        log_p = sequence_log_probs(self.model, src.repeat_interleave(n_actors, 0),
+                                   src_lengths.repeat_interleave(n_actors, 0), samples[rows])
+        log_p = log_p.view(batch_size, n_actors)
+        advantage = (rewards - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
+        if c.get("rl_objective", "reinforce") == "mrt":
+            # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the samples
+            q = (c.get("rl_mrt_alpha", 0.005) * log_p).softmax(dim=1)
+            loss = -(q * rewards).sum(dim=1).mean()
+        else:
+            loss = -(advantage.detach() * log_p).mean()
+        if c.get("rl_mle_weight", 0.0) > 0:
+            loss = loss + c["rl_mle_weight"] * super().compute_loss(batch)[0]
+
+        sample_lengths = (hyps != PAD).sum(dim=1).float()
+        ref_lengths = (refs != PAD).sum(dim=1).float().repeat_interleave(n)
+        return loss, {
+            "reward": float(rewards[:, actors].mean()),
+            "baseline": float(baselines[:, actors].mean()),
+            "advantage": float(advantage.mean()),
+            "len_ratio": float(sample_lengths.sum() / ref_lengths.sum().clamp(min=1)),
+            "no_eos": float((~(samples == EOS).any(dim=1)).float().mean()),
+        }
+
+    def validation_score(self, metrics: Mapping[str, float]) -> float:
+        """Validation corpus BLEU (sacrebleu, greedy output): what RL is meant to raise."""
+        return metrics["valid_bleu"]

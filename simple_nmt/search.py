@@ -1,0 +1,210 @@
+"""Decoding, written once over the models' step interface.
+
+A model offers ``encode(src, src_lengths) -> state`` and
+``decode_step(y_prev, state) -> (log_probs, state)``, where ``state`` is a
+(nested) dict / list of tensors whose first dimension is the batch. That is
+all the functions here need: they repeat and reorder the state along the
+batch for K samples and for beams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from simple_nmt.data import BOS, EOS, PAD
+
+State = Any
+
+
+def map_state(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
+    """Apply ``fn`` to every tensor in a nested dict / list / tuple; keep the rest."""
+    if torch.is_tensor(state):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: map_state(v, fn) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_state(v, fn) for v in state)
+    return state
+
+
+def repeat_state(state: State, n: int) -> State:
+    """Repeat every batch row ``n`` times in place: rows i*n .. i*n+n-1 copy row i."""
+    return map_state(state, lambda x: x.repeat_interleave(n, dim=0))
+
+
+def select_state(state: State, index: torch.Tensor) -> State:
+    """Keep the batch rows ``index`` (in that order)."""
+    return map_state(state, lambda x: x.index_select(0, index))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus.
+
+    Args:
+        logits: |logits| = (batch_size, vocab_size).
+        top_k: keep the k largest (0: all).
+        top_p: keep the smallest set of tokens whose probability adds up to top_p (1: all).
+    """
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # |kth| = (batch_size, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped when the tokens before it already cover top_p.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
+    """A decoder never emits PAD or BOS."""
+    log_probs = log_probs.float().clone()
+    log_probs[:, [PAD, BOS]] = float("-inf")
+    return log_probs
+
+
+@torch.no_grad()
+def sample_search(
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    src_lengths: torch.Tensor,
+    is_greedy: bool = True,
+    max_length: int = 255,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n_samples: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding or ancestral sampling, for the whole batch at once.
+
+    Args:
+        model: offers ``encode`` and ``decode_step``.
+        src: |src| = (batch_size, src_length) token ids.
+        src_lengths: |src_lengths| = (batch_size,).
+        is_greedy: argmax at each step, else sample.
+        max_length: the most output tokens (EOS included).
+        temperature, top_k, top_p: how to sample (ignored when greedy).
+        n_samples: outputs per source; the encoder runs once and its state is repeated.
+
+    Returns:
+        ids and the model's log-probability of each, both
+        |ids| = |log_probs| = (batch_size * n_samples, length), the n_samples
+        outputs of source i in rows i*n_samples .. i*n_samples + n_samples - 1.
+        Each output ends with EOS unless it reached ``max_length``; PAD (and
+        log-prob 0) after it.
+    """
+    state = model.encode(src, src_lengths)
+    if n_samples > 1:
+        state = repeat_state(state, n_samples)
+    n = src.size(0) * n_samples
+    y = torch.full((n,), BOS, dtype=torch.long, device=src.device)
+    done = torch.zeros(n, dtype=torch.bool, device=src.device)
+    ids, log_probs = [], []
+    for _ in range(max_length):
+        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (n, vocab_size)
+        allowed = _forbid_specials(step_log_probs)
+        if is_greedy:
+            y = allowed.argmax(dim=-1)
+        else:
+            logits = filter_logits(allowed / temperature, top_k, top_p)
+            y = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1)
+        y = y.masked_fill(done, PAD)  # |y| = (n,)
+        ids.append(y)
+        log_probs.append(step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0))
+        done = done | (y == EOS)
+        if done.all():
+            break
+    return torch.stack(ids, dim=1), torch.stack(log_probs, dim=1)
+
+
+def length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GNMT's length penalty ((5 + |y|) / 6) ** alpha (Wu et al., 2016)."""
+    return ((5.0 + lengths.float()) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    model: torch.nn.Module,
+    src: torch.Tensor,
+    src_lengths: torch.Tensor,
+    beam_size: int = 5,
+    max_length: int = 255,
+    max_length_ratio: float = 0.0,
+    length_penalty_alpha: float = 1.0,
+    n_best: int = 1,
+) -> tuple[list[list[list[int]]], torch.Tensor]:
+    """Beam search vectorised over batch x beam.
+
+    A finished hypothesis stays in its beam, extended by PAD at no cost, so
+    that beam size 1 is exactly greedy decoding. Hypotheses are ranked at the
+    end by log-probability divided by the GNMT length penalty.
+
+    Args:
+        model: offers ``encode`` and ``decode_step``.
+        src: |src| = (batch_size, src_length).
+        src_lengths: |src_lengths| = (batch_size,).
+        beam_size: hypotheses kept per source.
+        max_length: the most output tokens (EOS included).
+        max_length_ratio: if > 0, also at most ceil(ratio * source length) + 1 tokens.
+        length_penalty_alpha: 0 ranks by log-probability alone.
+        n_best: hypotheses returned per source (at most ``beam_size``).
+
+    Returns:
+        For each source, its ``n_best`` hypotheses as id lists (without EOS),
+        best first, and their scores, |scores| = (batch_size, n_best).
+    """
+    batch_size, k, device = src.size(0), beam_size, src.device
+    limits = torch.full((batch_size,), max_length, dtype=torch.long, device=device)
+    if max_length_ratio > 0:
+        by_ratio = torch.ceil(src_lengths.to(device).float() * max_length_ratio).long() + 1
+        limits = torch.minimum(limits, by_ratio)
+    state = repeat_state(model.encode(src, src_lengths), k)
+    scores = torch.full((batch_size, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # only the first beam is alive at the start
+    seqs = torch.empty(batch_size * k, 0, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch_size * k, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
+    y = torch.full((batch_size * k,), BOS, dtype=torch.long, device=device)
+    offsets = torch.arange(batch_size, device=device)[:, None] * k  # |offsets| = (batch_size, 1)
+    for t in range(int(limits.max())):
+        step_log_probs, state = model.decode_step(y, state)
+        log_probs = _forbid_specials(step_log_probs)  # |log_probs| = (batch_size * k, vocab_size)
+        log_probs[finished] = float("-inf")
+        log_probs[finished, PAD] = 0.0
+        vocab_size = log_probs.size(-1)
+        candidates = (scores.view(-1, 1) + log_probs).view(batch_size, k * vocab_size)
+        scores, best = candidates.topk(k, dim=-1)  # |scores| = |best| = (batch_size, k)
+        rows = (offsets + best // vocab_size).view(-1)  # |rows| = (batch_size * k,)
+        y = (best % vocab_size).view(-1)
+        state = select_state(state, rows)
+        seqs = torch.cat([seqs.index_select(0, rows), y[:, None]], dim=1)
+        lengths = lengths.index_select(0, rows) + (~finished.index_select(0, rows)).long()
+        finished = finished.index_select(0, rows) | (y == EOS)
+        finished |= (t + 1 >= limits).repeat_interleave(k)
+        if finished.all():
+            break
+    normalized = scores / length_penalty(lengths, length_penalty_alpha).view(batch_size, k)
+    n_best = min(n_best, k)
+    top_scores, top = normalized.topk(n_best, dim=-1)  # |top| = (batch_size, n_best)
+    chosen = seqs.view(batch_size, k, -1).gather(
+        1, top[:, :, None].expand(-1, -1, seqs.size(1))
+    ).tolist()
+    hyps = [[_strip(h) for h in per_source] for per_source in chosen]
+    return hyps, top_scores
+
+
+def _strip(ids: list[int]) -> list[int]:
+    """Cut an id list at its first EOS and drop PAD."""
+    out = []
+    for i in ids:
+        if i == EOS:
+            break
+        if i != PAD:
+            out.append(i)
+    return out
+

@@ -1,0 +1,325 @@
+"""Maximum likelihood training: the ignite engine that owns the step, and its handlers."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar
+from ignite.metrics import RunningAverage
+
+from simple_nmt.checkpoint import AtomicSaver
+from simple_nmt.data import PAD, TextField
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class MaximumLikelihoodEstimationEngine(Engine):
+    """An ignite ``Engine`` whose step trains ``model`` by maximum likelihood.
+
+    The step moves the batch to the device, runs the loss under autocast (CUDA),
+    accumulates gradients over ``iteration_per_update`` iterations, unscales them
+    before clipping, steps the optimizer and the scheduler, and skips updates
+    whose loss or gradient is not finite. Subclasses change the objective by
+    overriding ``compute_loss`` (and the validation score by ``validation_score``).
+
+    Args:
+        model: an ``EncoderDecoder`` (or any module with the same interface).
+        optimizer: a torch optimizer over the model's parameters.
+        config: run options; read here: ``iteration_per_update``, ``max_grad_norm``,
+            ``label_smoothing``, ``max_bad_steps``, ``off_autocast``, ``max_length``.
+        scheduler: stepped after each update (optional).
+        device: where to train; the model must already be there.
+        tgt_field: turns output ids into text for validation BLEU.
+    """
+
+    metric_names = ("loss", "ppl", "|param|", "|g_param|")
+    phase = "mle"  # recorded in checkpoints; continue_train.py resumes the same phase
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Mapping[str, Any],
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        device: torch.device | str = "cpu",
+        tgt_field: TextField | None = None,
+    ):
+        super().__init__(type(self).train_step)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config, self.device, self.tgt_field = dict(config), torch.device(device), tgt_field
+        self.use_amp = self.device.type == "cuda" and not self.config.get("off_autocast", False)
+        self.amp_dtype = torch.bfloat16
+        if self.use_amp and not torch.cuda.is_bf16_supported():
+            self.amp_dtype = torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.state.n_bad_steps = 0  # non-finite updates in a row
+        self.state.n_skipped_steps = 0  # non-finite updates in all
+        self.state.last_output = {}
+        self.state.param_norm = self.state.grad_norm = 0.0
+
+    # The objective: the one thing a subclass overrides.
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Label-smoothed cross-entropy per target token, and the numbers to log."""
+        tgt = batch["tgt"]  # |tgt| = (batch_size, length + 2): BOS y EOS
+        log_probs = self.model(batch["src"], batch["src_lengths"], tgt[:, :-1])
+        # |log_probs| = (batch_size, length + 1, vocab_size)
+        loss, nll, n_tokens = token_losses(log_probs, tgt[:, 1:], self.config.get("label_smoothing", 0.0))
+        mean_nll = float(nll) / max(n_tokens, 1)
+        return loss / max(n_tokens, 1), {"loss": mean_nll, "ppl": math.exp(min(mean_nll, 100.0))}
+
+    def validation_score(self, metrics: Mapping[str, float]) -> float:
+        """Higher is better: the best checkpoint and early stopping use it."""
+        return -metrics["valid_loss"]
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of this engine (a no-op off CUDA or with --off_autocast)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move every tensor of a batch to the engine's device."""
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """One iteration: forward, backward, and every ``iteration_per_update`` iterations an update."""
+        self.model.train()
+        batch = self.to_device(batch)
+        with self.autocast():
+            loss, output = self.compute_loss(batch)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            self.scaler.scale(loss / self.config.get("iteration_per_update", 1)).backward()
+        if self.state.iteration % self.config.get("iteration_per_update", 1) == 0:
+            finite = self._update() and finite
+        self._count_bad_step(finite)
+        if not finite:
+            return self.state.last_output or {k: 0.0 for k in output}
+        output.update({"|param|": self.state.param_norm, "|g_param|": self.state.grad_norm})
+        self.state.last_output = output
+        return output
+
+    def _update(self) -> bool:
+        """Clip and apply the accumulated gradients; returns False if they were not finite."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.get("max_grad_norm", 0.0) or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.grad_norm = float(grad_norm) if finite else self.state.grad_norm
+        self.state.param_norm = float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+        return finite
+
+    def _count_bad_step(self, finite: bool) -> None:
+        if finite:
+            self.state.n_bad_steps = 0
+            return
+        self.state.n_bad_steps += 1
+        self.state.n_skipped_steps += 1
+        limit = self.config.get("max_bad_steps", 10)
+        if self.state.n_bad_steps >= limit:
+            raise NonFiniteLossError(
+                f"{self.state.n_bad_steps} updates in a row had a non-finite loss or gradient "
+                f"(--max_bad_steps {limit}); lower --lr or check the data"
+            )
+
+    @torch.no_grad()
+    def validate(self, loader: Iterable[Mapping[str, torch.Tensor]], references: list[str]) -> dict[str, float]:
+        """Teacher-forced loss and perplexity, and corpus BLEU (sacrebleu) of greedy output.
+
+        Args:
+            loader: validation batches; each carries ``index``, the examples' positions.
+            references: detokenized reference lines, in dataset order.
+        """
+        self.model.eval()
+        total_nll, total_tokens = 0.0, 0
+        hyps: dict[int, str] = {}
+        for batch in loader:
+            batch = self.to_device(batch)
+            with self.autocast():
+                log_probs = self.model(batch["src"], batch["src_lengths"], batch["tgt"][:, :-1])
+                ids, _ = self.model.search(batch["src"], batch["src_lengths"],
+                                           max_length=self.config.get("max_length", 255) or 255)
+            _, nll, n_tokens = token_losses(log_probs, batch["tgt"][:, 1:], 0.0)
+            total_nll, total_tokens = total_nll + float(nll), total_tokens + n_tokens
+            for i, row in zip(batch["index"].tolist(), ids.tolist()):
+                hyps[i] = self.tgt_field.to_text(row)
+        loss = total_nll / max(total_tokens, 1)
+        bleu = sacrebleu.corpus_bleu([hyps[i] for i in range(len(references))], [references]).score
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 100.0)), "valid_bleu": bleu}
+
+
+def token_losses(
+    log_probs: torch.Tensor, target: torch.Tensor, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed label-smoothed loss, summed NLL and the number of target tokens (PAD ignored).
+
+    Args:
+        log_probs: |log_probs| = (batch_size, length, vocab_size).
+        target: |target| = (batch_size, length).
+    """
+    flat_log_probs, flat_target = log_probs.flatten(0, 1).float(), target.flatten()
+    loss = F.cross_entropy(flat_log_probs, flat_target, ignore_index=PAD,
+                           label_smoothing=label_smoothing, reduction="sum")
+    nll = F.nll_loss(flat_log_probs, flat_target, ignore_index=PAD, reduction="sum").detach()
+    return loss, nll, int((target != PAD).sum())
+
+
+def optimizer_name(config: Mapping[str, Any]) -> str:
+    """``sgd``, ``adam``, ``adamw`` or ``radam``: ``--use_radam`` / ``--use_adam`` win over ``--optimizer``."""
+    if config.get("use_radam"):
+        return "radam"
+    return "adam" if config.get("use_adam") else config.get("optimizer", "sgd")
+
+
+def build_optimizer(
+    model: torch.nn.Module, config: Mapping[str, Any], lr: float | None = None
+) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW / RAdam from torch, chosen by ``--optimizer`` (or ``--use_adam``, ``--use_radam``).
+
+    Args:
+        lr: overrides ``config["lr"]``; by default 1.0 for SGD and 1e-3 for the others.
+    """
+    name = optimizer_name(config)
+    lr = lr if lr is not None else config.get("lr")
+    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+    if lr is None:
+        lr = 1.0 if name == "sgd" else 1e-3
+    kwargs = {} if name == "sgd" else {"betas": (0.9, 0.98)}
+    return classes[name](model.parameters(), lr=lr, **kwargs)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Mapping[str, Any], updates_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate factor per update: linear warmup then inverse square root
+    (``--warmup_steps``), times step decay by ``--lr_gamma`` every ``--lr_step``
+    epochs from epoch ``--lr_decay_start`` on."""
+    warmup = config.get("warmup_steps", 0)
+    step, gamma, start = config.get("lr_step", 0), config.get("lr_gamma", 0.5), config.get("lr_decay_start", 1)
+
+    def factor(n_updates: int) -> float:
+        value = 1.0
+        if warmup > 0:
+            n = n_updates + 1
+            value = min(n / warmup, math.sqrt(warmup / n))
+        epoch = n_updates // max(updates_per_epoch, 1) + 1
+        if step > 0 and epoch >= start:
+            value *= gamma ** ((epoch - start) // step + 1)
+        return value
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class RunInfo:
+    """The plain data a checkpoint carries beside the state dicts: config, vocabularies, tokenizers."""
+
+    def __init__(self, config: Mapping[str, Any], src_field: TextField, tgt_field: TextField):
+        self.config, self.src_field, self.tgt_field = dict(config), src_field, tgt_field
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "src_vocab": self.src_field.vocab.itos,
+            "tgt_vocab": self.tgt_field.vocab.itos,
+            "src_spm": self.src_field.tokenizer.model_bytes(),
+            "tgt_spm": self.tgt_field.tokenizer.model_bytes(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: the fields are rebuilt from the checkpoint by the CLI."""
+
+
+def attach_handlers(
+    engine: MaximumLikelihoodEstimationEngine,
+    config: Mapping[str, Any],
+    *,
+    on_epoch_start: Callable[[int], None],
+    valid_loader: Iterable,
+    valid_references: list[str],
+    to_save: Mapping[str, Any],
+    model_fn: str,
+    best_state: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> Checkpoint:
+    """Attach what every training run needs, for the MLE and the RL engine alike.
+
+    Running averages of the step outputs, a progress bar (``--verbose 2``),
+    validation at each epoch's end, a checkpoint per epoch (``STEM.epochN.pth``),
+    the best by ``engine.validation_score`` (``STEM.pth``), early stopping
+    (``--early_stop N``) and TensorBoard (``--tensorboard_dir``).
+
+    Args:
+        on_epoch_start: called with the epoch number before it starts (data order, seeds).
+        to_save: objects with ``state_dict`` to put in checkpoints.
+        model_fn: ``DIR/STEM.pth``; checkpoints go to DIR.
+        best_state: the best-checkpoint handler's state from a resumed checkpoint.
+
+    Returns:
+        The best-checkpoint handler.
+    """
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
+    for name in engine.metric_names:
+        RunningAverage(output_transform=lambda out, name=name: out[name], alpha=0.98).attach(engine, name)
+    verbose = config.get("verbose", 2)
+    if verbose >= 2:
+        ProgressBar(bar_format=None, file=sys.stderr).attach(engine, metric_names=list(engine.metric_names))
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def run_validation(engine: MaximumLikelihoodEstimationEngine) -> None:
+        results = engine.validate(valid_loader, valid_references)
+        engine.state.metrics.update(results)
+        if verbose >= 1:
+            shown = {k: engine.state.metrics[k] for k in (*engine.metric_names, *results)}
+            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            skipped = f" skipped_steps={engine.state.n_skipped_steps}" if engine.state.n_skipped_steps else ""
+            log(f"epoch {engine.state.epoch}: {text}{skipped}")
+
+    path = Path(model_fn)
+    stem = path.name[: -len(".pth")] if path.name.endswith(".pth") else path.name
+    saver = AtomicSaver(path.parent)
+
+    def score(e: MaximumLikelihoodEstimationEngine) -> float:
+        return e.validation_score(e.state.metrics)
+
+    best = Checkpoint(dict(to_save), saver, filename_prefix=stem, score_function=score, n_saved=1,
+                      filename_pattern="{filename_prefix}.pth")
+    if best_state and best_state.get("_saved"):
+        # keep the resumed run's best score, under this run's file name
+        best.load_state_dict({"_saved": [(best_state["_saved"][-1][0], f"{stem}.pth")]})
+    every_epoch = Checkpoint({**to_save, "best_checkpointer": best}, saver, filename_prefix=stem, n_saved=None,
+                             filename_pattern="{filename_prefix}.epoch{global_step}.pth",
+                             global_step_transform=lambda e, _: e.state.epoch)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, best)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, every_epoch)
+    if config.get("early_stop", 0) > 0:
+        engine.add_event_handler(Events.EPOCH_COMPLETED,
+                                 EarlyStopping(config["early_stop"], score, engine))
+    if config.get("tensorboard_dir"):
+        _attach_tensorboard(engine, config["tensorboard_dir"])
+    return best
+
+
+def _attach_tensorboard(engine: MaximumLikelihoodEstimationEngine, log_dir: str) -> None:
+    from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+
+    logger = TensorboardLogger(log_dir=log_dir)
+    logger.attach(engine, OutputHandler(tag="train", metric_names=list(engine.metric_names)),
+                  event_name=Events.ITERATION_COMPLETED(every=10))
+    logger.attach(engine, OutputHandler(tag="valid", metric_names=["valid_loss", "valid_ppl", "valid_bleu"]),
+                  event_name=Events.EPOCH_COMPLETED)
+    engine.add_event_handler(Events.COMPLETED, lambda _: logger.close())

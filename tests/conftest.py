@@ -1,0 +1,39 @@
+"""Shared fixtures: a small generated corpus and tiny model settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simple_nmt.toy import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated corpus: train (600 pairs), valid (40), test (40)."""
+    return write_corpus(tmp_path_factory.mktemp("toy"), {"train": 600, "valid": 40, "test": 40}, seed=3)
+
+
+TINY_TRANSFORMER = ["--use_transformer", "--hidden_size", "32", "--n_layers", "1", "--n_splits", "2",
+                    "--dropout", "0.1"]
+TINY_SEQ2SEQ = ["--word_vec_size", "16", "--hidden_size", "32", "--n_layers", "1", "--dropout", "0.1"]
+
+
+def run_script(script: str, *args: str, stdin: str | None = None, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,164 @@
+"""The three scripts, run as a user runs them."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_SEQ2SEQ, TINY_TRANSFORMER, run_script
+from simple_nmt.checkpoint import load_checkpoint
+
+
+def train_args(toy_dir, model_fn, *extra):
+    return ["--model_fn", str(model_fn), "--train", str(toy_dir / "train"), "--valid", str(toy_dir / "valid"),
+            "--lang", "ende", "--batch_size", "32", "--max_length", "30", "--verbose", "0",
+            "--optimizer", "adam", "--lr", "3e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_dir, tmp_path_factory):
+    """A tiny Transformer trained for one epoch."""
+    model_fn = tmp_path_factory.mktemp("trained") / "tf.pth"
+    run_script("train.py", *train_args(toy_dir, model_fn, "--n_epochs", "1", *TINY_TRANSFORMER))
+    return model_fn
+
+
+def params(path):
+    return load_checkpoint(path)["model"]
+
+
+def epochs_done(checkpoint) -> int:
+    return checkpoint["trainer"]["iteration"] // checkpoint["trainer"]["epoch_length"]
+
+
+@pytest.mark.parametrize("arch", [TINY_TRANSFORMER, TINY_SEQ2SEQ], ids=["transformer", "seq2seq"])
+def test_train_then_translate(toy_dir, tmp_path, arch):
+    model_fn = tmp_path / "m.pth"
+    proc = run_script("train.py", *train_args(toy_dir, model_fn, "--n_epochs", "1", *arch))
+    assert proc.returncode == 0
+    assert model_fn.is_file() and (tmp_path / "m.epoch1.pth").is_file()
+    checkpoint = load_checkpoint(model_fn)
+    assert checkpoint["meta"]["config"]["use_transformer"] == ("--use_transformer" in arch)
+    assert epochs_done(checkpoint) == 1
+    lines = (toy_dir / "test.en").read_text().splitlines()[:5]
+    stdin = "\n".join([lines[0], "", "   ", lines[1], "qwerty unknownword " + lines[2]]) + "\n"
+    out = run_script("translate.py", "--model_fn", str(model_fn), "--beam_size", "2", stdin=stdin).stdout
+    outputs = out.split("\n")[:-1]
+    assert len(outputs) == 5 and outputs[1] == "" and outputs[2] == ""
+    assert outputs[0] and outputs[3]
+
+
+def test_translate_files_n_best_greedy_and_truncation(trained, toy_dir, tmp_path):
+    source = toy_dir / "test.en"
+    n_lines = len(source.read_text().splitlines())
+    out = tmp_path / "out.de"
+    run_script("translate.py", "--model_fn", str(trained), "--input", str(source), "--output", str(out),
+               "--beam_size", "3", "--n_best", "2")
+    rows = out.read_text().split("\n")[:-1]
+    assert len(rows) == n_lines and all(len(r.split("\t")) == 2 for r in rows)
+    greedy = run_script("translate.py", "--model_fn", str(trained), "--beam_size", "1", "--max_length", "4",
+                        stdin=source.read_text())
+    assert len(greedy.stdout.split("\n")[:-1]) == n_lines
+    assert all(len(r.split()) <= 4 for r in greedy.stdout.split("\n"))
+    assert "truncated" in greedy.stderr
+
+
+def test_two_epochs_equal_one_plus_one_resumed(toy_dir, tmp_path):
+    arch = [*TINY_TRANSFORMER[:-2], "--dropout", "0.2"]  # dropout: the random state must resume too
+    run_script("train.py", *train_args(toy_dir, tmp_path / "straight.pth", "--n_epochs", "2", *arch))
+    run_script("train.py", *train_args(toy_dir, tmp_path / "first.pth", "--n_epochs", "1", *arch))
+    run_script("continue_train.py", "--load_fn", str(tmp_path / "first.epoch1.pth"),
+               "--model_fn", str(tmp_path / "resumed.pth"), "--n_epochs", "2", "--verbose", "0")
+    straight, resumed = params(tmp_path / "straight.epoch2.pth"), params(tmp_path / "resumed.epoch2.pth")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert epochs_done(load_checkpoint(tmp_path / "resumed.epoch2.pth")) == 2
+
+
+def test_continue_train_fine_tunes_with_rl(trained, toy_dir, tmp_path):
+    rl_fn = tmp_path / "rl.pth"
+    run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", str(rl_fn), "--rl_n_epochs", "1",
+               "--rl_n_samples", "2", "--verbose", "1", "--rl_lr", "1e-4")
+    checkpoint = load_checkpoint(rl_fn)
+    assert checkpoint["meta"]["config"]["phase"] == "rl" and epochs_done(checkpoint) == 1
+    assert not all(torch.equal(v, params(trained)[k]) for k, v in checkpoint["model"].items())
+    out = run_script("translate.py", "--model_fn", str(rl_fn), stdin="a dog sees the cat\n").stdout
+    assert len(out.split("\n")) == 2
+
+
+def test_train_runs_mle_then_rl_in_one_go(toy_dir, tmp_path):
+    proc = run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--rl_n_epochs", "1",
+                                              "--rl_n_samples", "2", *TINY_SEQ2SEQ, "--verbose", "1"))
+    assert "reward=" in proc.stdout
+    assert load_checkpoint(tmp_path / "m.rl.pth")["meta"]["config"]["phase"] == "rl"
+    assert (tmp_path / "m.pth").is_file() and (tmp_path / "m.rl.epoch1.pth").is_file()
+
+
+def test_sentencepiece_checkpoint_translates_raw_text(tmp_path):
+    data = tmp_path / "raw"
+    data.mkdir()
+    src = ["The dog, the cat.", "A bird!", "The dogs?"] * 30
+    tgt = ["Der Hund, die Katze.", "Ein Vogel!", "Die Hunde?"] * 30
+    for split, n in (("train", 90), ("valid", 3)):
+        (data / f"{split}.en").write_text("\n".join(src[:n]) + "\n")
+        (data / f"{split}.de").write_text("\n".join(tgt[:n]) + "\n")
+    model_fn = tmp_path / "spm.pth"
+    run_script("train.py", "--model_fn", str(model_fn), "--train", str(data / "train"), "--valid",
+               str(data / "valid"), "--spm_vocab_size", "40", "--n_epochs", "30", "--optimizer", "adam",
+               "--lr", "1e-2", "--verbose", "0", *TINY_TRANSFORMER)
+    meta = load_checkpoint(model_fn)["meta"]
+    assert meta["src_spm"] and meta["tgt_spm"]
+    out = run_script("translate.py", "--model_fn", str(model_fn), "--beam_size", "2",
+                     stdin="A bird!\nThe dog, the cat.\n").stdout
+    assert out == "Ein Vogel!\nDer Hund, die Katze.\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rl_n_samples", "0"], "argument --rl_n_samples: must be >= 1"),
+    (["--lang", "english"], "argument --lang: --lang must be two 2-letter codes"),
+    (["--hidden_size", "-4"], "argument --hidden_size: must be >= 1"),
+    (["--rl_reward", "nonsense"], "argument --rl_reward: invalid choice"),
+])
+def test_invalid_options_fail_before_any_work(toy_dir, tmp_path, args, message):
+    proc = run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth"), *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_data_gives_one_line_error_naming_the_file(tmp_path):
+    (tmp_path / "c.en").write_text("a\nb\n")
+    (tmp_path / "c.de").write_text("x\n")
+    proc = run_script("train.py", "--model_fn", str(tmp_path / "m.pth"), "--train", str(tmp_path / "c"),
+                      "--valid", str(tmp_path / "c"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "c.en has 2 lines" in proc.stderr
+
+
+def test_translate_refuses_bad_checkpoints_and_options(tmp_path):
+    # the classic toolkit pickled its argparse Namespace into checkpoints
+    torch.save({"model": {}, "meta": {}, "config": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pth")
+    proc = run_script("translate.py", "--model_fn", str(tmp_path / "pickled.pth"), stdin="a\n", check=False)
+    assert proc.returncode == 1 and "refused" in proc.stderr and "Traceback" not in proc.stderr
+    torch.save({"model": {}, "meta": {"config": {}}}, tmp_path / "foreign.pth")
+    proc = run_script("translate.py", "--model_fn", str(tmp_path / "foreign.pth"), stdin="a\n", check=False)
+    assert proc.returncode == 1 and "not a simple-nmt checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("translate.py", "--model_fn", "x.pth", "--beam_size", "0", stdin="a\n", check=False)
+    assert proc.returncode == 2 and "--beam_size: must be >= 1" in proc.stderr
+
+
+def test_continue_train_rejects_a_different_architecture(trained):
+    proc = run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", "x.pth",
+                      "--hidden_size", "64", check=False)
+    assert proc.returncode == 1 and "--hidden_size 64 does not match" in proc.stderr
+
+
+def test_translate_into_a_closed_pipe_ends_quietly(trained, toy_dir):
+    command = (f"{sys.executable} {ROOT / 'translate.py'} --model_fn {trained} --beam_size 1 "
+               f"< {toy_dir / 'test.en'} | head -1")
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "Error" not in proc.stderr

@@ -1,0 +1,235 @@
+"""Models: incremental decoding vs teacher forcing, padding, the Transformer's cache, the factory, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simple_nmt.data import BOS, EOS, PAD
+from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model
+
+SRC_V, TGT_V = 19, 15
+MODELS = [Seq2Seq, Transformer]
+ATOL = 1e-5
+
+
+def make_model(cls, seed: int = 0) -> EncoderDecoder:
+    torch.manual_seed(seed)
+    if cls is Seq2Seq:
+        model = Seq2Seq(SRC_V, TGT_V, word_vec_size=16, hidden_size=32, n_layers=2, dropout=0.1)
+    else:
+        model = Transformer(SRC_V, TGT_V, hidden_size=32, n_splits=4, n_layers=2, dropout=0.1)
+    return model.eval()
+
+
+def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out, torch.tensor([len(s) for s in seqs])
+
+
+def random_seqs(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+# --------------------------------------------------------------------------- incremental == teacher forcing
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_incremental_decoding_equals_forward(cls):
+    model = make_model(cls)
+    src, src_lengths = pad_batch(random_seqs([5, 2, 7, 3], SRC_V, seed=1))
+    # targets of different lengths, padded (a padded target position is still a valid input)
+    tgt, _ = pad_batch([[BOS] + s for s in random_seqs([6, 3, 4, 1], TGT_V, seed=2)])
+    with torch.no_grad():
+        full = model(src, src_lengths, tgt)  # |full| = (batch_size, length, vocab_size)
+        assert full.shape == (4, tgt.size(1), TGT_V)
+        state = model.encode(src, src_lengths)
+        for t in range(tgt.size(1)):
+            step, state = model.decode_step(tgt[:, t], state)
+            assert step.shape == (4, TGT_V)
+            close(step, full[:, t])
+    # log-probabilities
+    close(full.exp().sum(-1), torch.ones(4, tgt.size(1)))
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_padding_invariance(cls):
+    """A sentence's output is the same alone and inside a padded batch, wherever it sits."""
+    model = make_model(cls)
+    srcs = random_seqs([4, 8, 2, 6], SRC_V, seed=3)
+    tgts = [[BOS] + s for s in random_seqs([3, 5, 7, 2], TGT_V, seed=4)]
+    src, src_lengths = pad_batch(srcs)
+    tgt, _ = pad_batch(tgts)
+    with torch.no_grad():
+        batch_out = model(src, src_lengths, tgt)
+        for i, (s, t) in enumerate(zip(srcs, tgts)):
+            alone = model(torch.tensor([s]), torch.tensor([len(s)]), torch.tensor([t]))
+            close(alone[0], batch_out[i, : len(t)])
+        # also when the batch is ordered differently (the LSTM packs with enforce_sorted=False)
+        order = [2, 0, 3, 1]
+        src2, len2 = pad_batch([srcs[i] for i in order])
+        tgt2, _ = pad_batch([tgts[i] for i in order])
+        out2 = model(src2, len2, tgt2)
+        for j, i in enumerate(order):
+            close(out2[j, : len(tgts[i])], batch_out[i, : len(tgts[i])])
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_encode_state_is_batch_first(cls):
+    model = make_model(cls)
+    src, src_lengths = pad_batch(random_seqs([3, 5, 1], SRC_V, seed=5))
+    with torch.no_grad():
+        state = model.encode(src, src_lengths)
+
+    def check(x):
+        if torch.is_tensor(x):
+            assert x.size(0) == 3
+        elif isinstance(x, dict):
+            for v in x.values():
+                check(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                check(v)
+
+    check(state)
+
+
+# --------------------------------------------------------------------------- the Transformer's cache
+
+
+def test_transformer_cache_grows_and_cross_kv_is_reused():
+    model = make_model(Transformer)
+    n_layers, n_splits, head = len(model.decoder), model.decoder[0].self_attn.n_splits, 32 // 4
+    src, src_lengths = pad_batch(random_seqs([5, 3], SRC_V, seed=6))
+    tgt, _ = pad_batch([[BOS] + s for s in random_seqs([4, 4], TGT_V, seed=7)])
+
+    calls = {"cross": 0, "self": []}
+    hooks = []
+    for block in model.decoder:
+        hooks.append(block.cross_attn.kv.register_forward_hook(
+            lambda m, i, o: calls.__setitem__("cross", calls["cross"] + 1)))
+        hooks.append(block.self_attn.kv.register_forward_hook(lambda m, i, o: calls["self"].append(i[0].shape)))
+    try:
+        with torch.no_grad():
+            state = model.encode(src, src_lengths)
+            assert calls["cross"] == n_layers  # the encoder keys/values are projected once, in encode
+            cross = state["cross_kv"]
+            assert len(cross) == n_layers
+            cross_values = [(k.clone(), v.clone()) for k, v in cross]
+            assert state["step"] == 0
+            assert all(k.shape == (2, n_splits, 0, head) and v.shape == (2, n_splits, 0, head)
+                       for k, v in state["self_kv"])
+            for t in range(1, tgt.size(1) + 1):
+                calls["self"].clear()
+                _, state = model.decode_step(tgt[:, t - 1], state)
+                assert state["step"] == t
+                assert len(state["self_kv"]) == n_layers
+                for k, v in state["self_kv"]:
+                    assert k.shape == v.shape == (2, n_splits, t, head)
+                # only the new position is projected, once per layer
+                assert calls["self"] == [torch.Size([2, 1, 32])] * n_layers
+                # the cross-attention keys/values are neither recomputed nor changed
+                assert calls["cross"] == n_layers
+                for (k, v), (k0, v0), (k1, v1) in zip(state["cross_kv"], cross, cross_values):
+                    assert k is k0 and v is v0
+                    assert torch.equal(k, k1) and torch.equal(v, v1)
+                    assert k.shape == (2, n_splits, src.size(1), head)
+            # the cache holds the keys/values teacher forcing computes for the whole prefix
+            _, full_cache = model._decode(model._embed(model.tgt_emb, tgt), model.encode(src, src_lengths),
+                                          causal=True)
+            for (k, v), (fk, fv) in zip(state["self_kv"], full_cache):
+                close(k, fk)
+                close(v, fv)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_seq2seq_state_carries_projected_keys():
+    model = make_model(Seq2Seq)
+    src, src_lengths = pad_batch(random_seqs([4, 2], SRC_V, seed=8))
+    with torch.no_grad():
+        state = model.encode(src, src_lengths)
+        _, new_state = model.decode_step(torch.full((2,), BOS), state)
+    assert state["h"].shape == state["c"].shape == (2, 2, 32)
+    assert state["memory"].shape == state["keys"].shape == (2, 4, 32)
+    assert state["pad_mask"].tolist() == [[False] * 4, [False, False, True, True]]
+    assert new_state["keys"] is state["keys"] and new_state["memory"] is state["memory"]
+    assert not torch.equal(new_state["h"], state["h"])
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def test_build_model_transformer():
+    config = {"use_transformer": True, "hidden_size": 48, "n_splits": 6, "n_layers": 3, "dropout": 0.25,
+              "word_vec_size": 999}
+    model = build_model(config, 21, 17)
+    assert type(model) is Transformer and isinstance(model, EncoderDecoder)
+    assert len(model.encoder) == len(model.decoder) == 3
+    assert model.hidden_size == 48
+    assert model.src_emb.weight.shape == (21, 48) and model.tgt_emb.weight.shape == (17, 48)
+    assert model.generator.out_features == 17
+    assert model.decoder[0].self_attn.n_splits == 6 and model.encoder[0].attn.n_splits == 6
+    assert model.dropout.p == 0.25
+    torch.manual_seed(0)
+    direct = Transformer(21, 17, hidden_size=48, n_splits=6, n_layers=3, dropout=0.25)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in direct.parameters())
+
+
+@pytest.mark.parametrize("flag", [{"use_transformer": False}, {}])
+def test_build_model_seq2seq(flag):
+    config = {"word_vec_size": 24, "hidden_size": 40, "n_splits": 8, "n_layers": 3, "dropout": 0.3, **flag}
+    model = build_model(config, 21, 17)
+    assert type(model) is Seq2Seq
+    assert model.src_emb.weight.shape == (21, 24) and model.tgt_emb.weight.shape == (17, 24)
+    assert model.hidden_size == 40 and model.n_layers == 3
+    assert model.encoder.hidden_size == 20 and model.encoder.bidirectional and model.encoder.num_layers == 3
+    assert model.decoder.hidden_size == 40 and model.decoder.num_layers == 3
+    assert model.decoder.input_size == 24 + 40  # input feeding
+    assert model.generator.out_features == 17
+    assert model.dropout.p == 0.3 and model.encoder.dropout == 0.3
+
+
+def test_build_model_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="even"):
+        build_model({"word_vec_size": 8, "hidden_size": 31, "n_layers": 1, "dropout": 0.0}, 10, 10)
+    with pytest.raises(ValueError, match="divisible"):
+        build_model({"use_transformer": True, "hidden_size": 30, "n_splits": 4, "n_layers": 1, "dropout": 0.0},
+                    10, 10)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_gradients_reach_every_parameter(cls):
+    model = make_model(cls).train()
+    srcs = random_seqs([5, 2, 7, 3], SRC_V, seed=9)
+    tgts = random_seqs([4, 6, 2, 5], TGT_V, seed=10)
+    src, src_lengths = pad_batch(srcs)
+    tgt_in, _ = pad_batch([[BOS] + t for t in tgts])
+    tgt_out, _ = pad_batch([t + [EOS] for t in tgts])
+    torch.manual_seed(11)
+    log_probs = model(src, src_lengths, tgt_in)
+    loss = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), tgt_out, ignore_index=PAD)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        if name in ("src_emb.weight", "tgt_emb.weight"):
+            # the padding row gets no gradient (padding_idx), the rows of used tokens do
+            assert torch.count_nonzero(p.grad[PAD]) == 0, name
+            used = src.unique() if name == "src_emb.weight" else tgt_in.unique()
+            used = used[used != PAD]
+            assert (p.grad[used].abs().sum(-1) > 0).all(), name
+        else:
+            assert p.grad.abs().sum() > 0, name

@@ -1,0 +1,182 @@
+"""The RL estimator: gradient, baselines, masking after EOS, direction of an update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simple_nmt.cli import default_config
+from simple_nmt.data import BOS, EOS, PAD
+from simple_nmt.models.base import EncoderDecoder
+from simple_nmt.rl_trainer import (
+    MinimumRiskTrainingEngine,
+    after_eos,
+    baseline_and_actors,
+    sequence_log_probs,
+    strip_eos,
+)
+
+VOCAB = 7  # PAD UNK BOS EOS and tokens 4, 5, 6
+
+
+class Unigram(EncoderDecoder):
+    """P(y_t | x, y_<t) = softmax(theta) at every step: log P(y) has a hand-computable gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0, 0.3, 0.5, -0.2, 0.1]))
+
+    def _log_probs(self) -> torch.Tensor:
+        return self.theta.log_softmax(dim=-1)
+
+    def encode(self, src, src_lengths):
+        return {"src": src}
+
+    def decode_step(self, y_prev, state):
+        return self._log_probs().expand(y_prev.size(0), -1), state
+
+    def forward(self, src, src_lengths, tgt_in):
+        return self._log_probs().expand(tgt_in.size(0), tgt_in.size(1), -1)
+
+
+def count_token_4(hyps: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """A user reward: how many times token 4 occurs."""
+    return (hyps == 4).sum(dim=1).float()
+
+
+class Recording(MinimumRiskTrainingEngine):
+    """Keeps the samples it drew, so that the test can compute the gradient by hand."""
+
+    def sample(self, *args, **kwargs):
+        self.samples = super().sample(*args, **kwargs)
+        return self.samples
+
+
+def make_batch(batch_size: int = 3):
+    src = torch.full((batch_size, 2), 5)
+    tgt = torch.tensor([[BOS, 4, 4, EOS]] * batch_size)
+    return {"src": src, "src_lengths": torch.full((batch_size,), 2), "tgt": tgt}
+
+
+def engine_for(model, engine_class=Recording, **options):
+    config = default_config(**{"max_length": 6, "rl_n_samples": 3, "max_grad_norm": 0.0, **options})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return engine_class(model, optimizer, config, reward=count_token_4)
+
+
+def analytic_log_prob_grad(model: Unigram, ids: torch.Tensor) -> torch.Tensor:
+    """d log P(y) / d theta = sum_t (onehot(y_t) - softmax(theta)) over the counted tokens, per row."""
+    p = model.theta.detach().softmax(dim=-1)
+    counted = ~(after_eos(ids) | (ids == PAD))
+    onehots = torch.nn.functional.one_hot(ids, VOCAB).float() * counted[..., None]
+    return onehots.sum(dim=1) - counted.sum(dim=1, keepdim=True) * p
+
+
+@pytest.mark.parametrize("baseline", ["mean", "loo", "none"])
+def test_loss_gradient_equals_the_analytic_reinforce_gradient(baseline):
+    torch.manual_seed(0)
+    model = Unigram()
+    engine = engine_for(model, rl_baseline=baseline)
+    loss, _ = engine.compute_loss(make_batch())
+    loss.backward()
+
+    samples = engine.samples.view(3, 4, -1)  # (batch_size, K + 1, length)
+    rewards = count_token_4(strip_eos(engine.samples), None).view(3, 4)
+    grads = analytic_log_prob_grad(model, engine.samples).view(3, 4, VOCAB)
+    if baseline == "mean":
+        advantage = rewards[:, 0] - rewards[:, 1:].mean(dim=1)
+        expected = -(advantage[:, None] * grads[:, 0]).mean(dim=0)
+    else:
+        base = (rewards.sum(1, keepdim=True) - rewards) / 3 if baseline == "loo" else torch.zeros_like(rewards)
+        expected = -((rewards - base)[..., None] * grads).mean(dim=(0, 1))
+    assert samples.size(2) >= 1
+    torch.testing.assert_close(model.theta.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mrt_gradient_matches_the_risk_over_the_sample_set():
+    torch.manual_seed(1)
+    model = Unigram()
+    engine = engine_for(model, rl_objective="mrt", rl_mrt_alpha=0.5)
+    loss, _ = engine.compute_loss(make_batch())
+    loss.backward()
+    theta = model.theta.detach().clone().requires_grad_(True)
+    log_p_table = theta.log_softmax(dim=-1)
+    ids = engine.samples
+    counted = ~(after_eos(ids) | (ids == PAD))
+    log_p = (log_p_table[ids] * counted).sum(dim=1).view(3, 4)
+    rewards = count_token_4(strip_eos(ids), None).view(3, 4)
+    risk = -((0.5 * log_p).softmax(dim=1) * rewards).sum(dim=1).mean()
+    risk.backward()
+    torch.testing.assert_close(model.theta.grad, theta.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_baselines_algebra():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 4.0, 8.0]])
+    actors, base = baseline_and_actors(rewards, "mean")
+    assert actors.tolist() == [True, False, False, False]
+    torch.testing.assert_close(base[:, 0], torch.tensor([11 / 3, 4.0]))
+    actors, base = baseline_and_actors(rewards, "loo")
+    assert actors.all()
+    torch.testing.assert_close(base, torch.tensor([[11 / 3, 10 / 3, 3.0, 2.0], [4.0, 4.0, 8 / 3, 4 / 3]]))
+    # leave-one-out advantages of a source sum to zero
+    torch.testing.assert_close((rewards - base).sum(dim=1), torch.zeros(2))
+    _, base = baseline_and_actors(rewards, "greedy", torch.tensor([5.0, 1.0]))
+    torch.testing.assert_close(base, torch.tensor([[5.0] * 4, [1.0] * 4]))
+    _, base = baseline_and_actors(rewards, "none")
+    assert not base.any()
+
+
+def test_tokens_after_eos_change_nothing():
+    model = Unigram()
+    ids = torch.tensor([[4, 5, EOS, PAD, PAD], [6, EOS, PAD, PAD, PAD], [4, 4, 4, 4, 4]])
+    noisy = ids.clone()
+    noisy[0, 3:] = torch.tensor([4, 6])
+    noisy[1, 2:] = torch.tensor([EOS, 4, 5])
+    src, lengths = torch.ones(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    torch.testing.assert_close(sequence_log_probs(model, src, lengths, noisy),
+                               sequence_log_probs(model, src, lengths, ids))
+    assert torch.equal(strip_eos(noisy), strip_eos(ids))
+    assert strip_eos(ids).tolist()[1] == [6, PAD, PAD, PAD, PAD]
+    expected = model.theta.log_softmax(-1)[[4, 5, EOS]].sum()
+    torch.testing.assert_close(sequence_log_probs(model, src, lengths, ids)[0], expected)
+
+
+class FixedSamples(MinimumRiskTrainingEngine):
+    """Always 'samples' the same two outputs per source: A = (4, 4, EOS) and B = (5, EOS)."""
+
+    def sample(self, src, src_lengths, n, is_greedy=False):
+        pair = torch.tensor([[4, 4, EOS], [5, EOS, PAD]])
+        return pair.repeat(src.size(0), 1)
+
+
+def test_one_sgd_step_raises_the_better_sample_and_lowers_the_worse():
+    model = Unigram()
+    engine = engine_for(model, FixedSamples, rl_n_samples=1, rl_baseline="loo")
+    pair = torch.tensor([[4, 4, EOS], [5, EOS, PAD]])
+    src, lengths = torch.ones(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    before = sequence_log_probs(model, src, lengths, pair).detach()
+    engine.run([make_batch(2)], max_epochs=1)
+    after = sequence_log_probs(model, src, lengths, pair).detach()
+    assert after[0] > before[0] and after[1] < before[1]
+    assert engine.state.output["reward"] == pytest.approx(1.0)  # mean over the actors: (2 + 0) / 2
+
+
+def test_zero_advantage_is_no_error_and_changes_nothing():
+    model = Unigram()
+    engine = engine_for(model, FixedSamples, rl_n_samples=1, rl_baseline="loo")
+    engine.reward = lambda hyps, refs: torch.full((hyps.size(0),), 7.0)
+    before = model.theta.detach().clone()
+    engine.run([make_batch(2)], max_epochs=1)
+    assert engine.state.n_skipped_steps == 0
+    torch.testing.assert_close(model.theta.detach(), before)
+
+
+def test_research_model_without_n_samples_gets_repeated_sources():
+    class PlainSearch(Unigram):
+        def search(self, src, src_lengths, is_greedy=True, max_length=255, temperature=1.0, top_k=0, top_p=1.0):
+            return super().search(src, src_lengths, is_greedy=is_greedy, max_length=max_length)
+
+    torch.manual_seed(0)
+    engine = engine_for(PlainSearch())
+    engine.compute_loss(make_batch())
+    assert engine.samples.size(0) == 3 * 4
