@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-
 META_KEYS = {"config", "src_vocab", "tgt_vocab", "src_spm", "tgt_spm"}
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY_SEQ2SEQ, TINY_TRANSFORMER, run_script
+
 from simple_nmt.checkpoint import load_checkpoint
 
 
@@ -162,3 +162,15 @@ def test_translate_into_a_closed_pipe_ends_quietly(trained, toy_dir):
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "Error" not in proc.stderr
+
+
+def test_tensorboard_gets_training_and_validation_curves(toy_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "2", *TINY_SEQ2SEQ,
+                                       "--tensorboard_dir", str(tmp_path / "tb")))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/ppl", "valid/valid_bleu", "valid/valid_loss"} <= tags
+    assert [e.step for e in events.Scalars("valid/valid_bleu")] == [1, 2]

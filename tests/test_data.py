@@ -29,7 +29,7 @@ def write_pair(tmp_path, src: bytes, tgt: bytes):
 
 
 def test_read_parallel_reads_aligned_lines(tmp_path):
-    prefix = write_pair(tmp_path, "a b\n\nc\n".encode(), "x\ny y\nz\n".encode())
+    prefix = write_pair(tmp_path, b"a b\n\nc\n", b"x\ny y\nz\n")
     src, tgt, n_replaced = read_parallel(prefix, "ende")
     assert src == ["a b", "", "c"] and tgt == ["x", "y y", "z"] and n_replaced == 0
 

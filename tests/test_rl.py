@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from simple_nmt.cli import default_config
-from simple_nmt.data import BOS, EOS, PAD
+from simple_nmt.data import BOS, EOS, PAD, ParallelDataset, TextField, Tokenizer, Vocab, collate
+from simple_nmt.models import build_model
 from simple_nmt.models.base import EncoderDecoder
+from simple_nmt.rewards import sentence_bleu
 from simple_nmt.rl_trainer import (
     MinimumRiskTrainingEngine,
     after_eos,
@@ -15,6 +17,8 @@ from simple_nmt.rl_trainer import (
     sequence_log_probs,
     strip_eos,
 )
+from simple_nmt.toy import make_corpus
+from simple_nmt.trainer import MaximumLikelihoodEstimationEngine
 
 VOCAB = 7  # PAD UNK BOS EOS and tokens 4, 5, 6
 
@@ -180,3 +184,34 @@ def test_research_model_without_n_samples_gets_repeated_sources():
     engine = engine_for(PlainSearch())
     engine.compute_loss(make_batch())
     assert engine.samples.size(0) == 3 * 4
+
+
+TINY = {
+    "transformer": {"use_transformer": True, "hidden_size": 32, "n_layers": 1, "n_splits": 2, "dropout": 0.0},
+    "seq2seq": {"use_transformer": False, "word_vec_size": 32, "hidden_size": 64, "n_layers": 1, "dropout": 0.0},
+}
+
+
+@pytest.mark.parametrize("kind", ["transformer", "seq2seq"])
+def test_rl_fine_tuning_raises_held_out_greedy_bleu(kind):
+    src, tgt = make_corpus(700, seed=11)
+    fields = [TextField(Tokenizer(), Vocab.build([line.split() for line in lines])) for lines in (src, tgt)]
+    data = ParallelDataset([fields[0].to_ids(x) for x in src], [fields[1].to_ids(y) for y in tgt])
+    train = [collate([data[i] for i in range(j, min(j + 32, 600))]) for j in range(0, 600, 32)]
+    held_out = collate([data[i] for i in range(600, 700)])
+    config = default_config(**TINY[kind], max_length=30, rl_n_samples=8, rl_baseline="loo", rl_temperature=0.5)
+    torch.manual_seed(0)
+    model = build_model(config, len(fields[0].vocab), len(fields[1].vocab))
+
+    def held_out_bleu() -> float:
+        model.eval()
+        ids, _ = model.search(held_out["src"], held_out["src_lengths"], max_length=30)
+        return float(sentence_bleu(strip_eos(ids), strip_eos(held_out["tgt"][:, 1:]), PAD).mean())
+
+    MaximumLikelihoodEstimationEngine(model, torch.optim.Adam(model.parameters(), lr=3e-3), config).run(
+        train, max_epochs=8)
+    before = held_out_bleu()
+    torch.manual_seed(1)
+    MinimumRiskTrainingEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), config).run(train, max_epochs=4)
+    after = held_out_bleu()
+    assert after > before + 3.0, (before, after)
