@@ -23,9 +23,24 @@ def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("toy"), {"train": 600, "valid": 40, "test": 40}, seed=3)
 
 
+# tiny model sizes, as config entries (engine tests) and as command-line options (script tests)
+TINY = {
+    "transformer": {"use_transformer": True, "hidden_size": 32, "n_layers": 1, "n_splits": 2, "dropout": 0.0},
+    "seq2seq": {"use_transformer": False, "word_vec_size": 32, "hidden_size": 64, "n_layers": 1, "dropout": 0.0},
+}
 TINY_TRANSFORMER = ["--use_transformer", "--hidden_size", "32", "--n_layers", "1", "--n_splits", "2",
                     "--dropout", "0.1"]
 TINY_SEQ2SEQ = ["--word_vec_size", "16", "--hidden_size", "32", "--n_layers", "1", "--dropout", "0.1"]
+
+
+def make_tiny_model(cls: type, src_vocab: int, tgt_vocab: int, seed: int = 0) -> torch.nn.Module:
+    """A small Seq2Seq or Transformer with 2 layers, in eval mode."""
+    from simple_nmt.models import Seq2Seq
+
+    torch.manual_seed(seed)
+    if cls is Seq2Seq:
+        return Seq2Seq(src_vocab, tgt_vocab, word_vec_size=16, hidden_size=32, n_layers=2, dropout=0.1).eval()
+    return cls(src_vocab, tgt_vocab, hidden_size=32, n_splits=4, n_layers=2, dropout=0.1).eval()
 
 
 def run_script(script: str, *args: str, stdin: str | None = None, check: bool = True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from simple_nmt.data import BOS, EOS, PAD
 from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model
@@ -14,12 +15,7 @@ ATOL = 1e-5
 
 
 def make_model(cls, seed: int = 0) -> EncoderDecoder:
-    torch.manual_seed(seed)
-    if cls is Seq2Seq:
-        model = Seq2Seq(SRC_V, TGT_V, word_vec_size=16, hidden_size=32, n_layers=2, dropout=0.1)
-    else:
-        model = Transformer(SRC_V, TGT_V, hidden_size=32, n_splits=4, n_layers=2, dropout=0.1)
-    return model.eval()
+    return make_tiny_model(cls, SRC_V, TGT_V, seed)
 
 
 def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

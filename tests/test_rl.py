@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
 
 from simple_nmt.cli import default_config
 from simple_nmt.data import BOS, EOS, PAD, ParallelDataset, TextField, Tokenizer, Vocab, collate
@@ -186,10 +187,6 @@ def test_research_model_without_n_samples_gets_repeated_sources():
     assert engine.samples.size(0) == 3 * 4
 
 
-TINY = {
-    "transformer": {"use_transformer": True, "hidden_size": 32, "n_layers": 1, "n_splits": 2, "dropout": 0.0},
-    "seq2seq": {"use_transformer": False, "word_vec_size": 32, "hidden_size": 64, "n_layers": 1, "dropout": 0.0},
-}
 
 
 @pytest.mark.parametrize("kind", ["transformer", "seq2seq"])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from simple_nmt.data import BOS, EOS, PAD, UNK
 from simple_nmt.models import Seq2Seq, Transformer
@@ -507,11 +508,7 @@ SRC_V, TGT_V = 17, 13
 
 
 def make_model(cls, seed: int = 0) -> EncoderDecoder:
-    torch.manual_seed(seed)
-    if cls is Seq2Seq:
-        model = Seq2Seq(SRC_V, TGT_V, word_vec_size=16, hidden_size=32, n_layers=2, dropout=0.1)
-    else:
-        model = Transformer(SRC_V, TGT_V, hidden_size=32, n_splits=4, n_layers=2, dropout=0.1)
+    model = make_tiny_model(cls, SRC_V, TGT_V, seed)
     with torch.no_grad():  # scaled so that, with these seeds, the outputs differ in length
         model.generator.weight.mul_(3.0 if cls is Seq2Seq else 1.0)
     return model.eval()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY
 from ignite.engine import Events
 
 from simple_nmt.cli import default_config
@@ -18,11 +19,6 @@ from simple_nmt.trainer import (
     build_optimizer,
     build_scheduler,
 )
-
-TINY = {
-    "transformer": {"use_transformer": True, "hidden_size": 32, "n_layers": 1, "n_splits": 2, "dropout": 0.0},
-    "seq2seq": {"use_transformer": False, "word_vec_size": 32, "hidden_size": 64, "n_layers": 1, "dropout": 0.0},
-}
 
 
 def tiny_setup(kind: str, n_pairs: int = 12, **options):
