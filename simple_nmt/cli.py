@@ -35,10 +35,12 @@ from simple_nmt.trainer import (
     MaximumLikelihoodEstimationEngine,
     NonFiniteLossError,
     RunInfo,
+    TrainingInterrupted,
     attach_handlers,
     build_optimizer,
     build_scheduler,
     optimizer_name,
+    run_until_done_or_interrupted,
 )
 
 # Options that fix the model's shape or its vocabularies: a checkpoint's values win,
@@ -304,7 +306,7 @@ def fit(
         torch.manual_seed(config["seed"] * 1000 + epoch)
 
     log = print if config["verbose"] > 0 else (lambda _: None)
-    attach_handlers(engine, config, on_epoch_start=on_epoch_start, valid_loader=valid_loader,
+    best = attach_handlers(engine, config, on_epoch_start=on_epoch_start, valid_loader=valid_loader,
                     valid_references=corpus.valid_references, to_save=to_save, model_fn=config["model_fn"],
                     best_state=(resume or {}).get("best_checkpointer"), log=log)
     if resume is not None:
@@ -316,7 +318,9 @@ def fit(
             log(f"{config['load_fn']} already has {engine.state.epoch} epochs; nothing to train")
             return engine
         engine.state.max_epochs = n_epochs
-    engine.run(train_loader, max_epochs=n_epochs)
+    interrupted_fn = str(Path(config["model_fn"]).with_suffix("")) + ".interrupted.pth"
+    run_until_done_or_interrupted(engine, train_loader, n_epochs, {**to_save, "best_checkpointer": best},
+                                  interrupted_fn)
     return engine
 
 
@@ -354,9 +358,9 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
             resume=checkpoint if resume_phase == "rl" else None)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def main_train(argv: Sequence[str] | None = None) -> None:
@@ -366,6 +370,8 @@ def main_train(argv: Sequence[str] | None = None) -> None:
         run_training(config, None, rl_only=False)
     except (DataError, CheckpointError, NonFiniteLossError) as e:
         _fail(str(e))
+    except TrainingInterrupted as e:
+        _fail(str(e), code=130)
 
 
 def main_continue(argv: Sequence[str] | None = None) -> None:
@@ -385,6 +391,8 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
         run_training(config, checkpoint, rl_only=rl_only)
     except (DataError, CheckpointError, NonFiniteLossError) as e:
         _fail(str(e))
+    except TrainingInterrupted as e:
+        _fail(str(e), code=130)
 
 
 # Translation

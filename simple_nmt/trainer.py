@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -15,12 +16,16 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar
 from ignite.metrics import RunningAverage
 
-from simple_nmt.checkpoint import AtomicSaver
+from simple_nmt.checkpoint import AtomicSaver, save_checkpoint
 from simple_nmt.data import PAD, TextField
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C stopped training after saving a resumable checkpoint (named in the message)."""
 
 
 class MaximumLikelihoodEstimationEngine(Engine):
@@ -312,6 +317,34 @@ def attach_handlers(
     if config.get("tensorboard_dir"):
         _attach_tensorboard(engine, config["tensorboard_dir"])
     return best
+
+
+def run_until_done_or_interrupted(
+    engine: MaximumLikelihoodEstimationEngine,
+    data: Iterable,
+    max_epochs: int,
+    to_save: Mapping[str, Any],
+    path: str | Path,
+) -> None:
+    """``engine.run``; on Ctrl-C (SIGINT) finish the current iteration, save ``to_save`` to ``path``
+    (atomically) and raise ``TrainingInterrupted``."""
+    interrupted = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        engine.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        engine.run(data, max_epochs=max_epochs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        save_checkpoint({name: obj.state_dict() for name, obj in to_save.items()}, path)
+        raise TrainingInterrupted(
+            f"interrupted at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+            f"resumable checkpoint saved to {path} (resume with continue_train.py --load_fn {path})"
+        )
 
 
 def _attach_tensorboard(engine: MaximumLikelihoodEstimationEngine, log_dir: str) -> None:

@@ -174,3 +174,35 @@ def test_tensorboard_gets_training_and_validation_curves(toy_dir, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/ppl", "valid/valid_bleu", "valid/valid_loss"} <= tags
     assert [e.step for e in events.Scalars("valid/valid_bleu")] == [1, 2]
+
+
+def test_every_pair_dropped_is_an_error(toy_dir, tmp_path):
+    proc = run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth"), "--max_length", "2", check=False)
+    assert proc.returncode == 1 and "every pair is longer than --max_length 2" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(toy_dir, tmp_path):
+    import os
+    import signal
+    import time
+
+    model_fn = tmp_path / "m.pth"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *train_args(toy_dir, model_fn, "--n_epochs", "50", *TINY_SEQ2SEQ, "--verbose", "1")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # wait until the first epoch is done, then press Ctrl-C
+        if line.startswith("epoch 1:"):
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    interrupted = tmp_path / "m.interrupted.pth"
+    assert f"resumable checkpoint saved to {interrupted}" in stderr
+    checkpoint = load_checkpoint(interrupted)
+    assert checkpoint["trainer"]["iteration"] > checkpoint["trainer"]["epoch_length"]
+    run_script("continue_train.py", "--load_fn", str(interrupted), "--model_fn", str(tmp_path / "r.pth"),
+               "--n_epochs", "3", "--verbose", "0")
+    assert epochs_done(load_checkpoint(tmp_path / "r.epoch3.pth")) == 3
