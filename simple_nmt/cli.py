@@ -334,7 +334,12 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str)
 
 
 def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_only: bool) -> None:
-    """Build data and model, then MLE (unless ``rl_only``) and RL (if ``--rl_n_epochs`` > 0)."""
+    """Build data and model, then train.
+
+    An RL checkpoint resumes RL. Otherwise MLE runs (from ``checkpoint`` if given)
+    unless ``rl_only``, then RL (if ``--rl_n_epochs`` > 0) from the best MLE weights,
+    writing ``STEM.rl.pth`` when it follows MLE in the same run.
+    """
     log = print if config["verbose"] > 0 else (lambda _: None)
     seed_everything(config["seed"])
     device = pick_device(config["gpu_id"])
@@ -343,19 +348,18 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
     if checkpoint:
         load_model_weights(model, checkpoint["model"], config["load_fn"])
     model.to(device)
-    resume_phase = checkpoint["meta"]["config"].get("phase", "mle") if checkpoint else None
-    if not rl_only and resume_phase != "rl":
-        fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config["n_epochs"],
-            resume=checkpoint)
+    if checkpoint and checkpoint["meta"]["config"].get("phase") == "rl":
+        fit(MinimumRiskTrainingEngine, config, model, corpus, device, config["rl_n_epochs"], resume=checkpoint)
+        return
+    rl_config = dict(config)
+    if not rl_only:
+        fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config["n_epochs"], resume=checkpoint)
+        rl_config["model_fn"] = str(Path(config["model_fn"]).with_suffix("")) + ".rl.pth"
+        if config["rl_n_epochs"] > 0 and Path(config["model_fn"]).is_file():
+            best = load_checkpoint(config["model_fn"], map_location=device)
+            load_model_weights(model, best["model"], config["model_fn"])
     if config["rl_n_epochs"] > 0:
-        rl_config = dict(config)
-        if not rl_only:
-            rl_config["model_fn"] = str(Path(config["model_fn"]).with_suffix("")) + ".rl.pth"
-            if config["n_epochs"] > 0 and Path(config["model_fn"]).is_file():
-                best = load_checkpoint(config["model_fn"], map_location=device)
-                load_model_weights(model, best["model"], config["model_fn"])
-        fit(MinimumRiskTrainingEngine, rl_config, model, corpus, device, config["rl_n_epochs"],
-            resume=checkpoint if resume_phase == "rl" else None)
+        fit(MinimumRiskTrainingEngine, rl_config, model, corpus, device, config["rl_n_epochs"])
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -206,3 +206,34 @@ def test_ctrl_c_saves_a_resumable_checkpoint(toy_dir, tmp_path):
     run_script("continue_train.py", "--load_fn", str(interrupted), "--model_fn", str(tmp_path / "r.pth"),
                "--n_epochs", "3", "--verbose", "0")
     assert epochs_done(load_checkpoint(tmp_path / "r.epoch3.pth")) == 3
+
+
+def test_rl_two_epochs_equal_one_plus_one_resumed(trained, tmp_path):
+    rl = ["--rl_n_samples", "2", "--rl_lr", "1e-4", "--verbose", "0", "--batch_size", "64"]
+    run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", str(tmp_path / "straight.pth"),
+               "--rl_n_epochs", "2", *rl)
+    run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", str(tmp_path / "first.pth"),
+               "--rl_n_epochs", "1", *rl)
+    run_script("continue_train.py", "--load_fn", str(tmp_path / "first.epoch1.pth"),
+               "--model_fn", str(tmp_path / "resumed.pth"), "--rl_n_epochs", "2", "--verbose", "0")
+    straight, resumed = params(tmp_path / "straight.epoch2.pth"), params(tmp_path / "resumed.epoch2.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not all(torch.equal(straight[k], params(trained)[k]) for k in straight)
+
+
+def test_replaced_bytes_and_dropped_pairs_are_counted_not_silent(toy_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    src = (toy_dir / "train.en").read_text().splitlines()[:60]
+    tgt = (toy_dir / "train.de").read_text().splitlines()[:60]
+    (data / "c.en").write_bytes(("\n".join(src) + "\n").encode() + b"bad \xff line\n")
+    (data / "c.de").write_text("\n".join(tgt) + "\nx\n")
+    args = ["--model_fn", str(tmp_path / "m.pth"), "--train", str(data / "c"), "--valid", str(toy_dir / "valid"),
+            "--n_epochs", "1", "--verbose", "1", "--max_length", "8", *TINY_SEQ2SEQ]
+    strict = run_script("train.py", *args, check=False)
+    assert strict.returncode == 1 and "c.en:61: not valid UTF-8" in strict.stderr
+    assert not (tmp_path / "m.pth").exists()
+    replaced = run_script("train.py", *args, "--encoding_errors", "replace")
+    n_long = sum(len(s.split()) > 8 or len(t.split()) > 8 for s, t in zip(src, tgt))
+    assert f"61 pairs, {61 - n_long} kept, {n_long} dropped" in replaced.stdout
+    assert "1 lines with replaced bytes" in replaced.stdout

@@ -126,6 +126,10 @@ class Transformer(EncoderDecoder):
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(hidden_size), nn.LayerNorm(hidden_size)
         self.generator = nn.Linear(hidden_size, tgt_vocab_size)
         self.dropout = nn.Dropout(dropout)
+        for emb in (self.src_emb, self.tgt_emb):
+            # unit variance after the sqrt(hidden_size) scaling, like the position encodings
+            nn.init.normal_(emb.weight, std=hidden_size**-0.5)
+            nn.init.zeros_(emb.weight[PAD])
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         # |ids| = (batch_size, length) -> (batch_size, length, hidden_size)

@@ -1,0 +1,70 @@
+"""SIGKILL at random moments, including during a save, never leaves a broken checkpoint in place."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, run_script
+from simple_nmt.checkpoint import load_checkpoint
+
+# big enough that a save takes a while (Adam state included), small enough that an epoch is short
+MODEL = ["--word_vec_size", "64", "--hidden_size", "512", "--n_layers", "1", "--dropout", "0.0"]
+
+
+def start(toy_dir, model_fn, load_fn=None):
+    script, load = ("continue_train.py", ["--load_fn", str(load_fn)]) if load_fn else ("train.py", [])
+    args = [*load, "--model_fn", str(model_fn), "--train", str(toy_dir / "train"), "--valid",
+            str(toy_dir / "valid"), "--batch_size", "64", "--n_epochs", "1000", "--verbose", "0",
+            "--optimizer", "adam", "--lr", "1e-3", *([] if load_fn else MODEL)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def latest_epoch_file(folder):
+    files = sorted(folder.glob("m.epoch*.pth"), key=lambda p: int(p.name[len("m.epoch"):-len(".pth")]))
+    return files[-1] if files else None
+
+
+def wait_for_save_then_kill(proc, folder, timeout=60.0):
+    """Kill the moment a temporary checkpoint file exists: in the middle of a save."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(name.endswith(".tmp") for name in os.listdir(folder)):
+            proc.send_signal(signal.SIGKILL)
+            return True
+    proc.send_signal(signal.SIGKILL)
+    return False
+
+
+def test_random_kills_never_leave_a_broken_checkpoint(toy_dir, tmp_path):
+    rng = random.Random(0)
+    kills, during_save = 0, 0
+    previous = {}
+    for round_ in range(22):
+        load_fn = latest_epoch_file(tmp_path)
+        proc = start(toy_dir, tmp_path / "m.pth", load_fn)
+        if round_ % 2:
+            during_save += wait_for_save_then_kill(proc, tmp_path)
+        else:
+            time.sleep(rng.uniform(1.0, 6.0))
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        for path in tmp_path.glob("*.pth"):  # every checkpoint in place loads, and none went backwards
+            checkpoint = load_checkpoint(path)
+            iteration = checkpoint["trainer"]["iteration"]
+            assert iteration >= previous.get(path.name, 0)
+            previous[path.name] = iteration
+    assert kills >= 20 and during_save >= 5
+    last = latest_epoch_file(tmp_path)
+    assert last is not None
+    done = load_checkpoint(last)["trainer"]["iteration"] // load_checkpoint(last)["trainer"]["epoch_length"]
+    run_script("continue_train.py", "--load_fn", str(last), "--model_fn", str(tmp_path / "final.pth"),
+               "--n_epochs", str(done + 1), "--verbose", "0")
+    assert load_checkpoint(tmp_path / f"final.epoch{done + 1}.pth")["trainer"]["iteration"] > 0
