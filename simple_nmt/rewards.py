@@ -119,8 +119,9 @@ def _ngram_matches(
         # |eq_hr| = (batch_size, hyp_len - n + 1, ref_len - n + 1)
         # rank: earlier occurrences of the same n-gram in the hypothesis;
         # count_r: occurrences in the reference (0 past the sentence end).
-        rank = eq_hh.sum(dim=-1, dtype=torch.int32)
-        count_r = eq_hr.sum(dim=-1, dtype=torch.int32)
+        # (summing the bytes of a bool tensor is several times faster than summing bools)
+        rank = eq_hh.view(torch.uint8).sum(dim=-1, dtype=torch.int32)
+        count_r = eq_hr.view(torch.uint8).sum(dim=-1, dtype=torch.int32)
         # |rank| = |count_r| = (batch_size, hyp_len - n + 1)
         # An n-gram seen c_h times in the hypothesis has ranks 0..c_h - 1, of
         # which min(c_h, c_r) are below c_r: the clipped count, exactly.
