@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 
+from simple_nmt.distributed import is_main_process
+
 META_KEYS = {"config", "src_vocab", "tgt_vocab", "src_spm", "tgt_spm"}
 
 
@@ -71,7 +73,8 @@ class AtomicSaver(BaseSaveHandler):
 
     Ignite asks to remove a superseded file before it saves the new one; this
     handler defers that removal until the new file is safely in place, and never
-    removes the file it is about to overwrite.
+    removes the file it is about to overwrite. In a distributed run only rank 0
+    writes (the ranks hold the same weights), like ignite's ``DiskSaver``.
     """
 
     def __init__(self, dirname: str | Path):
@@ -79,10 +82,11 @@ class AtomicSaver(BaseSaveHandler):
         self._pending: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        save_checkpoint(checkpoint, self.dirname / filename)
-        for old in self._pending:
-            if old != filename and (self.dirname / old).exists():
-                os.remove(self.dirname / old)
+        if is_main_process():
+            save_checkpoint(checkpoint, self.dirname / filename)
+            for old in self._pending:
+                if old != filename and (self.dirname / old).exists():
+                    os.remove(self.dirname / old)
         self._pending = []
 
     def remove(self, filename: str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,6 +29,7 @@ from simple_nmt.data import (
     split_lang,
     tokenizer_from_bytes,
 )
+from simple_nmt.distributed import is_main_process, process_group, wrap_model
 from simple_nmt.models import build_model
 from simple_nmt.rewards import REWARDS
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
@@ -208,9 +210,11 @@ def given_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
 
 
 def pick_device(gpu_id: int) -> torch.device:
-    """``cuda:N`` for ``--gpu_id N >= 0``, else the CPU."""
+    """``cuda:N`` for ``--gpu_id N >= 0``, else the CPU; under torchrun any N >= 0 means ``cuda:LOCAL_RANK``."""
     if gpu_id < 0:
         return torch.device("cpu")
+    if idist.get_world_size() > 1:
+        gpu_id = idist.get_local_rank()
     if not torch.cuda.is_available() or gpu_id >= torch.cuda.device_count():
         raise DataError(f"--gpu_id {gpu_id}: no such CUDA device (use --gpu_id -1 for the CPU)")
     return torch.device(f"cuda:{gpu_id}")
@@ -219,6 +223,11 @@ def pick_device(gpu_id: int) -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_log(config: dict[str, Any]) -> Callable[[str], None]:
+    """``print`` with ``--verbose`` >= 1 on rank 0, else nothing."""
+    return print if config["verbose"] > 0 and is_main_process() else (lambda _: None)
 
 
 # Data
@@ -264,11 +273,19 @@ class Corpus:
         self.valid_references = [tgt_field.tokenizer.decode(tgt_field.tokenizer.encode(y)) for y in v_tgt]
 
     def loaders(self, config: dict[str, Any]) -> tuple[BucketBatchSampler, DataLoader, DataLoader]:
-        """The training batch sampler (call ``set_epoch``), training and validation loaders."""
+        """The training batch sampler (call ``set_epoch``), training and validation loaders.
+
+        In a distributed run they give this rank's share of the batches: as many
+        training batches on every rank, every validation batch on one rank.
+        """
+        shard = {"num_replicas": idist.get_world_size(), "rank": idist.get_rank()}
         sampler = BucketBatchSampler(self.train.lengths(), config["batch_size"], config["max_tokens"],
-                                     shuffle=True, seed=config["seed"])
+                                     shuffle=True, seed=config["seed"], **shard)
+        if len(sampler) == 0:
+            raise DataError(f"{config['train']}: fewer training batches than the {shard['num_replicas']} "
+                            "processes; lower --batch_size or --max_tokens")
         valid_sampler = BucketBatchSampler(self.valid.lengths(), config["batch_size"], config["max_tokens"],
-                                           shuffle=False)
+                                           shuffle=False, equal_shards=False, **shard)
         return (sampler, DataLoader(self.train, batch_sampler=sampler, collate_fn=collate),
                 DataLoader(self.valid, batch_sampler=valid_sampler, collate_fn=collate))
 
@@ -288,6 +305,10 @@ def fit(
     """Train ``model`` with ``engine_class`` for ``n_epochs`` epochs, from ``resume`` if given.
 
     Checkpoints go to ``config["model_fn"]`` (best) and ``STEM.epochN.pth`` (each epoch).
+    In a distributed run the engine trains ``model`` wrapped in ``DistributedDataParallel``
+    (rank 0's weights are broadcast when it is wrapped); checkpoints hold ``model`` itself.
+    The data order is the same on every rank; dropout and sampling are seeded with
+    ``(seed * 1000 + epoch) * world_size + rank``: ``seed * 1000 + epoch`` in a single process.
     """
     sampler, train_loader, valid_loader = corpus.loaders(config)
     rl = engine_class.phase == "rl"
@@ -297,15 +318,15 @@ def fit(
     optimizer = build_optimizer(model, config, lr)
     updates_per_epoch = len(train_loader) // config["iteration_per_update"]
     scheduler = build_scheduler(optimizer, config, updates_per_epoch)
-    engine = engine_class(model, optimizer, config, scheduler, device, corpus.fields[1])
+    engine = engine_class(wrap_model(model, device), optimizer, config, scheduler, device, corpus.fields[1])
     to_save = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": engine.scaler,
                "trainer": engine, "meta": RunInfo(dict(config, phase=engine_class.phase), *corpus.fields)}
 
     def on_epoch_start(epoch: int) -> None:
         sampler.set_epoch(epoch)
-        torch.manual_seed(config["seed"] * 1000 + epoch)
+        torch.manual_seed((config["seed"] * 1000 + epoch) * idist.get_world_size() + idist.get_rank())
 
-    log = print if config["verbose"] > 0 else (lambda _: None)
+    log = make_log(config)
     best = attach_handlers(engine, config, on_epoch_start=on_epoch_start, valid_loader=valid_loader,
                     valid_references=corpus.valid_references, to_save=to_save, model_fn=config["model_fn"],
                     best_state=(resume or {}).get("best_checkpointer"), log=log)
@@ -338,9 +359,10 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
 
     An RL checkpoint resumes RL. Otherwise MLE runs (from ``checkpoint`` if given)
     unless ``rl_only``, then RL (if ``--rl_n_epochs`` > 0) from the best MLE weights,
-    writing ``STEM.rl.pth`` when it follows MLE in the same run.
+    writing ``STEM.rl.pth`` when it follows MLE in the same run. Under torchrun every
+    rank runs this.
     """
-    log = print if config["verbose"] > 0 else (lambda _: None)
+    log = make_log(config)
     seed_everything(config["seed"])
     device = pick_device(config["gpu_id"])
     corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"]) if checkpoint else None, log)
@@ -355,7 +377,8 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
     if not rl_only:
         fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config["n_epochs"], resume=checkpoint)
         rl_config["model_fn"] = str(Path(config["model_fn"]).with_suffix("")) + ".rl.pth"
-        if config["rl_n_epochs"] > 0 and Path(config["model_fn"]).is_file():
+        # rank 0 wrote the best weights and reads them back; the other ranks get them when RL wraps the model
+        if config["rl_n_epochs"] > 0 and is_main_process() and Path(config["model_fn"]).is_file():
             best = load_checkpoint(config["model_fn"], map_location=device)
             load_model_weights(model, best["model"], config["model_fn"])
     if config["rl_n_epochs"] > 0:
@@ -371,7 +394,8 @@ def main_train(argv: Sequence[str] | None = None) -> None:
     """Entry point of train.py."""
     config = vars(train_parser().parse_args(argv))
     try:
-        run_training(config, None, rl_only=False)
+        with process_group(use_gpu=config["gpu_id"] >= 0):
+            run_training(config, None, rl_only=False)
     except (DataError, CheckpointError, NonFiniteLossError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
@@ -392,7 +416,8 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
                                       f"checkpoint's {config.get(key)}; architecture options cannot change")
         config.update(given)
         rl_only = "rl_n_epochs" in given and config.get("phase", "mle") == "mle"
-        run_training(config, checkpoint, rl_only=rl_only)
+        with process_group(use_gpu=config["gpu_id"] >= 0):
+            run_training(config, checkpoint, rl_only=rl_only)
     except (DataError, CheckpointError, NonFiniteLossError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:

@@ -255,7 +255,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     Batches hold ``batch_size`` sentences, or as many as fit in ``max_tokens``
     padded tokens (the longer of source and target). Call ``set_epoch`` before
-    each epoch; with ``num_replicas`` > 1 each rank gets every ``num_replicas``-th batch.
+    each epoch; with ``num_replicas`` > 1 each rank gets every ``num_replicas``-th
+    batch of the same global order (give every rank the same ``seed``).
+
+    Args:
+        equal_shards: with ``num_replicas`` > 1, drop the last batches that do not
+            divide evenly, so that every rank gets as many (training); False keeps
+            every batch, some ranks getting one more (validation).
     """
 
     def __init__(
@@ -267,11 +273,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         seed: int = 1,
         num_replicas: int = 1,
         rank: int = 0,
+        equal_shards: bool = True,
     ):
         self.lengths = list(lengths)
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed = shuffle, seed
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.equal_shards = num_replicas, rank, equal_shards
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -296,10 +303,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             batches.append(batch)
         if self.shuffle:
             rng.shuffle(batches)
-        if self.num_replicas > 1:
-            batches = batches[: len(batches) - len(batches) % self.num_replicas] or batches
-            batches = batches[self.rank :: self.num_replicas]
-        return batches
+        if self.equal_shards:
+            batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches())

@@ -81,9 +81,15 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
     validation score differ from the MLE engine: accumulation, clipping, AMP,
     the non-finite guard, handlers and checkpoints are the same.
 
+    In a distributed run every rank samples and scores its own sources (the
+    baseline needs no communication); ``search`` runs on the module itself and
+    the re-scoring forward through the ``DistributedDataParallel`` wrapper, so
+    that the gradients are averaged over the ranks.
+
     Args:
         model: any module with ``forward(src, src_lengths, tgt_in)`` and
-            ``search(src, src_lengths, is_greedy, max_length, temperature, top_k, top_p[, n_samples])``.
+            ``search(src, src_lengths, is_greedy, max_length, temperature, top_k, top_p[, n_samples])``,
+            or one in ``DistributedDataParallel``.
         optimizer, config, scheduler, device, tgt_field: as for the MLE engine; ``config``
             also gives the ``rl_*`` options.
         reward: a callable ``(hyps, refs) -> (batch_size,)`` on PAD-padded id tensors,
@@ -107,10 +113,13 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         decode = tgt_field.to_text if tgt_field is not None else None
         self.reward = as_reward(reward or self.config.get("rl_reward", "bleu"),
                                 n_gram=self.config.get("rl_n_gram", 4), pad_id=PAD, decode=decode)
-        self._search_repeats_state = "n_samples" in inspect.signature(model.search).parameters
+        self._search_repeats_state = "n_samples" in inspect.signature(self.raw_model.search).parameters
 
     def sample(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool = False) -> torch.Tensor:
         """``n`` outputs per source from one batched search, without a graph.
+
+        The search runs in eval mode (no dropout): the samples come from the model
+        that translates at test time; the re-scoring forward runs in train mode.
 
         Returns:
             |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1.
@@ -119,11 +128,16 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         kwargs = {"is_greedy": is_greedy, "max_length": c.get("max_length", 255) or 255,
                   "temperature": c.get("rl_temperature", 1.0), "top_k": c.get("rl_top_k", 0),
                   "top_p": c.get("rl_top_p", 1.0)}
-        with torch.no_grad():
-            if self._search_repeats_state:
-                out = self.model.search(src, src_lengths, n_samples=n, **kwargs)
-            else:  # a research model without n_samples: repeat the sources instead
-                out = self.model.search(src.repeat_interleave(n, 0), src_lengths.repeat_interleave(n, 0), **kwargs)
+        model, was_training = self.raw_model, self.raw_model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self._search_repeats_state:
+                    out = model.search(src, src_lengths, n_samples=n, **kwargs)
+                else:  # a research model without n_samples: repeat the sources instead
+                    out = model.search(src.repeat_interleave(n, 0), src_lengths.repeat_interleave(n, 0), **kwargs)
+        finally:
+            model.train(was_training)
         return out[0] if isinstance(out, tuple) else out
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -61,6 +61,23 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One sample per row by inverting the cumulative distribution.
+
+    Exact like ``torch.multinomial(probs, 1)``, and much faster on CPU for large vocabularies.
+
+    Args:
+        probs: |probs| = (batch_size, vocab_size), rows summing to 1 (zeros allowed).
+
+    Returns:
+        |ids| = (batch_size,)
+    """
+    cdf = probs.cumsum(dim=-1)  # |cdf| = (batch_size, vocab_size)
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # the first token whose cumulative probability exceeds u: never one of probability 0
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
+
+
 def _forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
     """A decoder never emits PAD or BOS."""
     log_probs = log_probs.float().clone()
@@ -111,8 +128,7 @@ def sample_search(
         if is_greedy:
             y = allowed.argmax(dim=-1)
         else:
-            logits = filter_logits(allowed / temperature, top_k, top_p)
-            y = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1)
+            y = draw(filter_logits(allowed / temperature, top_k, top_p).softmax(dim=-1))
         y = y.masked_fill(done, PAD)  # |y| = (n,)
         ids.append(y)
         log_probs.append(step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0))

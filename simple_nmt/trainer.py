@@ -6,18 +6,22 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import sacrebleu
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar
 from ignite.metrics import RunningAverage
+from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.checkpoint import AtomicSaver, save_checkpoint
 from simple_nmt.data import PAD, TextField
+from simple_nmt.distributed import is_main_process
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,8 +41,14 @@ class MaximumLikelihoodEstimationEngine(Engine):
     whose loss or gradient is not finite. Subclasses change the objective by
     overriding ``compute_loss`` (and the validation score by ``validation_score``).
 
+    In a distributed run ``model`` is wrapped in ``DistributedDataParallel``: the
+    training forward goes through the wrapper (``self.model``), so that backward
+    averages the gradients over the ranks; decoding and validation use the
+    module itself (``self.raw_model``).
+
     Args:
-        model: an ``EncoderDecoder`` (or any module with the same interface).
+        model: an ``EncoderDecoder`` (or any module with the same interface), or one in
+            ``DistributedDataParallel``.
         optimizer: a torch optimizer over the model's parameters.
         config: run options; read here: ``iteration_per_update``, ``max_grad_norm``,
             ``label_smoothing``, ``max_bad_steps``, ``off_autocast``, ``max_length``.
@@ -72,6 +82,11 @@ class MaximumLikelihoodEstimationEngine(Engine):
         self.state.last_output = {}
         self.state.param_norm = self.state.grad_norm = 0.0
 
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        """The model without its ``DistributedDataParallel`` wrapper (the model itself in a single process)."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
     # The objective: the one thing a subclass overrides.
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Label-smoothed cross-entropy per target token, and the numbers to log."""
@@ -98,12 +113,18 @@ class MaximumLikelihoodEstimationEngine(Engine):
         """One iteration: forward, backward, and every ``iteration_per_update`` iterations an update."""
         self.model.train()
         batch = self.to_device(batch)
-        with self.autocast():
-            loss, output = self.compute_loss(batch)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            self.scaler.scale(loss / self.config.get("iteration_per_update", 1)).backward()
-        if self.state.iteration % self.config.get("iteration_per_update", 1) == 0:
+        iteration_per_update = self.config.get("iteration_per_update", 1)
+        is_update = self.state.iteration % iteration_per_update == 0
+        distributed = isinstance(self.model, DistributedDataParallel)
+        with self._gradient_sync(is_update):
+            with self.autocast():
+                loss, output = self.compute_loss(batch)
+            finite = bool(torch.isfinite(loss))
+            if finite or distributed:
+                # under DDP every rank back-propagates: a non-finite loss reaches the averaged
+                # gradient, so that all ranks skip the update together
+                self.scaler.scale(loss / iteration_per_update).backward()
+        if is_update:
             finite = self._update() and finite
         self._count_bad_step(finite)
         if not finite:
@@ -111,6 +132,13 @@ class MaximumLikelihoodEstimationEngine(Engine):
         output.update({"|param|": self.state.param_norm, "|g_param|": self.state.grad_norm})
         self.state.last_output = output
         return output
+
+    def _gradient_sync(self, is_update: bool) -> AbstractContextManager:
+        """Under DDP, ``no_sync`` between updates: gradients accumulate locally and are
+        all-reduced once, in the backward pass of the update iteration."""
+        if is_update or not isinstance(self.model, DistributedDataParallel):
+            return nullcontext()
+        return self.model.no_sync()
 
     def _update(self) -> bool:
         """Clip and apply the accumulated gradients; returns False if they were not finite."""
@@ -146,23 +174,30 @@ class MaximumLikelihoodEstimationEngine(Engine):
     def validate(self, loader: Iterable[Mapping[str, torch.Tensor]], references: list[str]) -> dict[str, float]:
         """Teacher-forced loss and perplexity, and corpus BLEU (sacrebleu) of greedy output.
 
+        In a distributed run each rank validates its share of the batches and the
+        results are gathered: every rank returns the same numbers, over all references.
+
         Args:
             loader: validation batches; each carries ``index``, the examples' positions.
             references: detokenized reference lines, in dataset order.
         """
-        self.model.eval()
+        model = self.raw_model  # no DDP: ranks may have different numbers of batches
+        model.eval()
         total_nll, total_tokens = 0.0, 0
         hyps: dict[int, str] = {}
         for batch in loader:
             batch = self.to_device(batch)
             with self.autocast():
-                log_probs = self.model(batch["src"], batch["src_lengths"], batch["tgt"][:, :-1])
-                ids, _ = self.model.search(batch["src"], batch["src_lengths"],
-                                           max_length=self.config.get("max_length", 255) or 255)
+                log_probs = model(batch["src"], batch["src_lengths"], batch["tgt"][:, :-1])
+                ids, _ = model.search(batch["src"], batch["src_lengths"],
+                                      max_length=self.config.get("max_length", 255) or 255)
             _, nll, n_tokens = token_losses(log_probs, batch["tgt"][:, 1:], 0.0)
             total_nll, total_tokens = total_nll + float(nll), total_tokens + n_tokens
             for i, row in zip(batch["index"].tolist(), ids.tolist()):
                 hyps[i] = self.tgt_field.to_text(row)
+        shares = idist.all_gather((total_nll, total_tokens, hyps))  # one per rank, in rank order
+        total_nll, total_tokens = sum(s[0] for s in shares), sum(s[1] for s in shares)
+        hyps = {i: text for s in shares for i, text in s[2].items()}
         loss = total_nll / max(total_tokens, 1)
         bleu = sacrebleu.corpus_bleu([hyps[i] for i in range(len(references))], [references]).score
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 100.0)), "valid_bleu": bleu}
@@ -266,7 +301,9 @@ def attach_handlers(
     Running averages of the step outputs, a progress bar (``--verbose 2``),
     validation at each epoch's end, a checkpoint per epoch (``STEM.epochN.pth``),
     the best by ``engine.validation_score`` (``STEM.pth``), early stopping
-    (``--early_stop N``) and TensorBoard (``--tensorboard_dir``).
+    (``--early_stop N``) and TensorBoard (``--tensorboard_dir``). In a distributed
+    run every rank validates and decides alike; only rank 0 prints, writes
+    checkpoints and TensorBoard.
 
     Args:
         on_epoch_start: called with the epoch number before it starts (data order, seeds).
@@ -280,7 +317,7 @@ def attach_handlers(
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
     for name in engine.metric_names:
         RunningAverage(output_transform=lambda out, name=name: out[name], alpha=0.98).attach(engine, name)
-    verbose = config.get("verbose", 2)
+    verbose = config.get("verbose", 2) if is_main_process() else 0
     if verbose >= 2:
         ProgressBar(bar_format=None, file=sys.stderr).attach(engine, metric_names=list(engine.metric_names))
 
@@ -314,7 +351,7 @@ def attach_handlers(
     if config.get("early_stop", 0) > 0:
         engine.add_event_handler(Events.EPOCH_COMPLETED,
                                  EarlyStopping(config["early_stop"], score, engine))
-    if config.get("tensorboard_dir"):
+    if config.get("tensorboard_dir") and is_main_process():
         _attach_tensorboard(engine, config["tensorboard_dir"])
     return best
 
@@ -327,7 +364,7 @@ def run_until_done_or_interrupted(
     path: str | Path,
 ) -> None:
     """``engine.run``; on Ctrl-C (SIGINT) finish the current iteration, save ``to_save`` to ``path``
-    (atomically) and raise ``TrainingInterrupted``."""
+    (atomically, on rank 0) and raise ``TrainingInterrupted``."""
     interrupted = []
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -340,7 +377,8 @@ def run_until_done_or_interrupted(
     finally:
         signal.signal(signal.SIGINT, previous)
     if interrupted:
-        save_checkpoint({name: obj.state_dict() for name, obj in to_save.items()}, path)
+        if is_main_process():
+            save_checkpoint({name: obj.state_dict() for name, obj in to_save.items()}, path)
         raise TrainingInterrupted(
             f"interrupted at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
             f"resumable checkpoint saved to {path} (resume with continue_train.py --load_fn {path})"

@@ -115,10 +115,23 @@ def test_bucket_sampler_groups_similar_lengths():
 
 
 def test_bucket_sampler_shards_for_replicas():
-    lengths = _lengths()
+    lengths = _lengths()  # 25 batches of 8
     shards = [list(BucketBatchSampler(lengths, batch_size=8, seed=2, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(shards[0]) == len(shards[1])
+    assert len(shards[0]) == len(shards[1]) == 12
     assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+    # rank r takes every 2nd batch of the one global order, from the r-th on
+    everything = list(BucketBatchSampler(lengths, batch_size=8, seed=2))
+    assert [b for pair in zip(*shards) for b in pair] == everything[:24]
+    # too few batches for the replicas: none for anyone (the CLI says so), never some ranks only
+    assert [len(BucketBatchSampler(lengths[:8], batch_size=8, num_replicas=2, rank=r)) for r in (0, 1)] == [0, 0]
+
+
+def test_bucket_sampler_keeps_every_batch_for_validation():
+    lengths = _lengths()
+    shards = [list(BucketBatchSampler(lengths, batch_size=8, shuffle=False, num_replicas=2, rank=r,
+                                      equal_shards=False)) for r in (0, 1)]
+    assert [len(s) for s in shards] == [13, 12]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(len(lengths)))
 
 
 def test_sentencepiece_round_trip_and_serialisation():

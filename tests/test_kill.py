@@ -10,7 +10,9 @@ import sys
 import time
 
 from conftest import ROOT, run_script
+
 from simple_nmt.checkpoint import load_checkpoint
+from simple_nmt.toy import write_corpus
 
 # big enough that a save takes a while (Adam state included), small enough that an epoch is short
 MODEL = ["--word_vec_size", "64", "--hidden_size", "512", "--n_layers", "1", "--dropout", "0.0"]
@@ -42,7 +44,10 @@ def wait_for_save_then_kill(proc, folder, timeout=60.0):
     return False
 
 
-def test_random_kills_never_leave_a_broken_checkpoint(toy_dir, tmp_path):
+def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
+    toy_dir = write_corpus(tmp_path / "data", {"train": 120, "valid": 8}, seed=5)  # short epochs
+    tmp_path = tmp_path / "run"
+    tmp_path.mkdir()
     rng = random.Random(0)
     kills, during_save = 0, 0
     previous = {}
@@ -52,7 +57,7 @@ def test_random_kills_never_leave_a_broken_checkpoint(toy_dir, tmp_path):
         if round_ % 2:
             during_save += wait_for_save_then_kill(proc, tmp_path)
         else:
-            time.sleep(rng.uniform(1.0, 6.0))
+            time.sleep(rng.uniform(2.0, 8.0))
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
