@@ -29,18 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, peak_rss_mb, table  # noqa: E402
+from common import MODELS, VOCAB, machine, peak_rss_mb, table  # noqa: E402
 
 from simple_nmt.cli import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS, PAD  # noqa: E402
 from simple_nmt.models import build_model  # noqa: E402
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine, strip_eos  # noqa: E402
-
-VOCAB = 8000
-MODELS = {
-    "transformer": {"use_transformer": True, "hidden_size": 256, "n_layers": 3, "n_splits": 4, "dropout": 0.1},
-    "seq2seq": {"use_transformer": False, "word_vec_size": 256, "hidden_size": 512, "n_layers": 2, "dropout": 0.1},
-}
 
 
 def current_rss_mb() -> float:

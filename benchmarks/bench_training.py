@@ -15,18 +15,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import machine, table  # noqa: E402
+from common import MODELS, VOCAB, machine, table  # noqa: E402
 
 from simple_nmt.cli import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS  # noqa: E402
 from simple_nmt.models import build_model  # noqa: E402
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine  # noqa: E402
-
-VOCAB = 8000
-MODELS = {
-    "transformer": {"use_transformer": True, "hidden_size": 256, "n_layers": 3, "n_splits": 4, "dropout": 0.1},
-    "seq2seq": {"use_transformer": False, "word_vec_size": 256, "hidden_size": 512, "n_layers": 2, "dropout": 0.1},
-}
 
 
 def tokens_per_second(model_name: str, device: torch.device, amp: bool, batch_size: int, steps: int) -> float:

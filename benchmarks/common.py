@@ -10,6 +10,13 @@ from collections.abc import Callable
 
 import torch
 
+# The models every benchmark measures: realistic NMT sizes, a shared subword vocabulary size.
+VOCAB = 8000
+MODELS = {
+    "transformer": {"use_transformer": True, "hidden_size": 256, "n_layers": 3, "n_splits": 4, "dropout": 0.1},
+    "seq2seq": {"use_transformer": False, "word_vec_size": 256, "hidden_size": 512, "n_layers": 2, "dropout": 0.1},
+}
+
 
 def best_time(fn: Callable[[], object], repeat: int = 5, device: torch.device | None = None) -> float:
     """The fastest of ``repeat`` runs of ``fn`` in seconds, after one warm-up run."""
