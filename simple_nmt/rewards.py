@@ -82,7 +82,7 @@ def _ngram_matches(
     Args:
         hyps: hypothesis ids, ``(batch_size, length)``.
         refs: reference ids, ``(batch_size, length')``.
-        pad_id: ignored id.
+        pad_id: ignored id (all other ids must be >= 0).
         max_order: the largest n-gram order.
 
     Returns:
@@ -94,16 +94,20 @@ def _ngram_matches(
     h, h_len = _compact(hyps, pad_id)
     r, r_len = _compact(refs, pad_id)
     # |h| = (batch_size, hyp_len), |r| = (batch_size, ref_len)
-    h_mask = torch.arange(h.size(1), device=h.device) < h_len[:, None]
-    r_mask = torch.arange(r.size(1), device=r.device) < r_len[:, None]
+    # Past each sentence's end, put negative ids that differ from each other and from
+    # every token (ids are >= 0): then nothing involving padding is ever equal.
+    hyp_len, ref_len = h.size(1), r.size(1)
+    h_pos = torch.arange(hyp_len, device=h.device)
+    r_pos = torch.arange(ref_len, device=r.device)
+    h = torch.where(h_pos < h_len[:, None], h, -1 - h_pos)
+    r = torch.where(r_pos < r_len[:, None], r, -1 - hyp_len - r_pos)
 
-    # Unigram equality, False wherever a pad is involved. Within the
-    # hypothesis only earlier positions are compared: eq_hh1[b, i, k] needs k < i.
-    hyp_len = h.size(1)
+    # Unigram equality. Within the hypothesis only earlier positions are
+    # compared: eq_hh1[b, i, k] needs k < i.
     earlier = torch.ones(hyp_len, hyp_len, dtype=torch.bool, device=h.device).tril(-1)
-    eq_hh1 = (h[:, :, None] == h[:, None, :]) & h_mask[:, None, :] & earlier
+    eq_hh1 = (h[:, :, None] == h[:, None, :]) & earlier
     # |eq_hh1| = (batch_size, hyp_len, hyp_len)
-    eq_hr1 = (h[:, :, None] == r[:, None, :]) & h_mask[:, :, None] & r_mask[:, None, :]
+    eq_hr1 = h[:, :, None] == r[:, None, :]
     # |eq_hr1| = (batch_size, hyp_len, ref_len)
 
     eq_hh, eq_hr = eq_hh1, eq_hr1
