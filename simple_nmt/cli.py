@@ -6,7 +6,8 @@ import argparse
 import os
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -328,8 +329,8 @@ def fit(
 
     log = make_log(config)
     best = attach_handlers(engine, config, on_epoch_start=on_epoch_start, valid_loader=valid_loader,
-                    valid_references=corpus.valid_references, to_save=to_save, model_fn=config["model_fn"],
-                    best_state=(resume or {}).get("best_checkpointer"), log=log)
+                           valid_references=corpus.valid_references, to_save=to_save, model_fn=config["model_fn"],
+                           best_state=(resume or {}).get("best_checkpointer"), log=log)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -339,10 +340,14 @@ def fit(
             log(f"{config['load_fn']} already has {engine.state.epoch} epochs; nothing to train")
             return engine
         engine.state.max_epochs = n_epochs
-    interrupted_fn = str(Path(config["model_fn"]).with_suffix("")) + ".interrupted.pth"
     run_until_done_or_interrupted(engine, train_loader, n_epochs, {**to_save, "best_checkpointer": best},
-                                  interrupted_fn)
+                                  sibling(config["model_fn"], "interrupted"))
     return engine
+
+
+def sibling(model_fn: str, tag: str) -> str:
+    """``DIR/STEM.pth`` -> ``DIR/STEM.TAG.pth``."""
+    return str(Path(model_fn).with_suffix("")) + f".{tag}.pth"
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str) -> None:
@@ -376,7 +381,7 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
     rl_config = dict(config)
     if not rl_only:
         fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config["n_epochs"], resume=checkpoint)
-        rl_config["model_fn"] = str(Path(config["model_fn"]).with_suffix("")) + ".rl.pth"
+        rl_config["model_fn"] = sibling(config["model_fn"], "rl")
         # rank 0 wrote the best weights and reads them back; the other ranks get them when RL wraps the model
         if config["rl_n_epochs"] > 0 and is_main_process() and Path(config["model_fn"]).is_file():
             best = load_checkpoint(config["model_fn"], map_location=device)
@@ -390,16 +395,23 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def main_train(argv: Sequence[str] | None = None) -> None:
-    """Entry point of train.py."""
-    config = vars(train_parser().parse_args(argv))
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """User errors as one line on stderr and exit status 1; Ctrl-C (checkpoint saved) as status 130."""
     try:
-        with process_group(use_gpu=config["gpu_id"] >= 0):
-            run_training(config, None, rl_only=False)
+        yield
     except (DataError, CheckpointError, NonFiniteLossError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
         _fail(str(e), code=130)
+
+
+def main_train(argv: Sequence[str] | None = None) -> None:
+    """Entry point of train.py."""
+    config = vars(train_parser().parse_args(argv))
+    with reported_errors():
+        with process_group(use_gpu=config["gpu_id"] >= 0):
+            run_training(config, None, rl_only=False)
 
 
 def main_continue(argv: Sequence[str] | None = None) -> None:
@@ -407,7 +419,7 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
     parser = continue_parser()
     parser.parse_args(argv)  # reports bad values before any work
     given = given_options(parser, argv)
-    try:
+    with reported_errors():
         checkpoint = load_checkpoint(given["load_fn"])
         config = dict(checkpoint["meta"]["config"])
         for key in ARCHITECTURE_OPTIONS:
@@ -418,10 +430,6 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
         rl_only = "rl_n_epochs" in given and config.get("phase", "mle") == "mle"
         with process_group(use_gpu=config["gpu_id"] >= 0):
             run_training(config, checkpoint, rl_only=rl_only)
-    except (DataError, CheckpointError, NonFiniteLossError) as e:
-        _fail(str(e))
-    except TrainingInterrupted as e:
-        _fail(str(e), code=130)
 
 
 # Translation
@@ -484,7 +492,7 @@ def translate_lines(
 def main_translate(argv: Sequence[str] | None = None) -> None:
     """Entry point of translate.py."""
     config = vars(translate_parser().parse_args(argv))
-    try:
+    with reported_errors():
         device = pick_device(config["gpu_id"])
         checkpoint = load_checkpoint(config["model_fn"], map_location=device)
         src_field, tgt_field = fields_from_checkpoint(checkpoint["meta"])
@@ -498,8 +506,6 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
             if lines and lines[-1] == "":
                 lines.pop()
         outputs = translate_lines(model, src_field, tgt_field, lines, config, device)
-    except (DataError, CheckpointError) as e:
-        _fail(str(e))
     text = "".join(line + "\n" for line in outputs)
     if config["output"]:
         Path(config["output"]).write_text(text, encoding="utf-8")
