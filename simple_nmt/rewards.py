@@ -51,12 +51,14 @@ def _compact(x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     # |x| = (batch_size, length)
     is_pad = x == pad_id
-    order = torch.sort(is_pad.to(torch.int32), dim=1, stable=True).indices
     lengths = (~is_pad).sum(dim=1)
     # |lengths| = (batch_size,)
     # trimming costs one host sync but saves the quadratic work on padding
     max_len = int(lengths.max()) if lengths.numel() else 0
-    x = x.gather(1, order)[:, :max_len]
+    if bool((is_pad[:, :-1] & ~is_pad[:, 1:]).any()):  # a pad before a token: move the tokens forward
+        order = torch.sort(is_pad.to(torch.int32), dim=1, stable=True).indices
+        x = x.gather(1, order)
+    x = x[:, :max_len]
     # |x| = (batch_size, max_len)
     return x, lengths
 
@@ -123,14 +125,23 @@ def _ngram_matches(
         # |eq_hr| = (batch_size, hyp_len - n + 1, ref_len - n + 1)
         # rank: earlier occurrences of the same n-gram in the hypothesis;
         # count_r: occurrences in the reference (0 past the sentence end).
-        # (summing the bytes of a bool tensor is several times faster than summing bools)
-        rank = eq_hh.view(torch.uint8).sum(dim=-1, dtype=torch.int32)
-        count_r = eq_hr.view(torch.uint8).sum(dim=-1, dtype=torch.int32)
+        rank = _count(eq_hh)
+        count_r = _count(eq_hr)
         # |rank| = |count_r| = (batch_size, hyp_len - n + 1)
         # An n-gram seen c_h times in the hypothesis has ranks 0..c_h - 1, of
         # which min(c_h, c_r) are below c_r: the clipped count, exactly.
         matches.append((rank < count_r).sum(dim=-1, dtype=torch.int32))
     return torch.stack(matches, dim=1), h_len, r_len
+
+
+def _count(eq: torch.Tensor) -> torch.Tensor:
+    """True entries along the last dimension of a bool tensor.
+
+    Summing its bytes into bytes is several times faster than summing bools, and exact
+    while the dimension has at most 255 entries; longer rows are summed into int32.
+    """
+    dtype = torch.uint8 if eq.size(-1) <= 255 else torch.int32
+    return eq.view(torch.uint8).sum(dim=-1, dtype=dtype)
 
 
 def _float_dtype(device: torch.device) -> torch.dtype:
