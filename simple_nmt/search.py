@@ -73,9 +73,12 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
         |ids| = (batch_size,)
     """
     cdf = probs.cumsum(dim=-1)  # |cdf| = (batch_size, vocab_size)
-    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    total = cdf[:, -1:]
+    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype) * total
+    # kept below the total, also after rounding, so that a token always has cdf > u
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     # the first token whose cumulative probability exceeds u: never one of probability 0
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 def _forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
