@@ -199,7 +199,8 @@ class MaximumLikelihoodEstimationEngine(Engine):
         total_nll, total_tokens = sum(s[0] for s in shares), sum(s[1] for s in shares)
         hyps = {i: text for s in shares for i, text in s[2].items()}
         loss = total_nll / max(total_tokens, 1)
-        bleu = sacrebleu.corpus_bleu([hyps[i] for i in range(len(references))], [references]).score
+        # force: pre-tokenized corpora are scored as they are, without sacrebleu's warning each epoch
+        bleu = sacrebleu.corpus_bleu([hyps[i] for i in range(len(references))], [references], force=True).score
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 100.0)), "valid_bleu": bleu}
 
 

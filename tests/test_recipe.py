@@ -1,0 +1,73 @@
+"""The Multi30k recipe, end to end on a generated corpus laid out like Multi30k (smoke profile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+from simple_nmt.toy import make_corpus
+
+RECIPE = ROOT / "examples" / "multi30k" / "run.py"
+
+
+def multi30k_like(folder: Path) -> Path:
+    """SPLIT.en / SPLIT.de and tok/SPLIT.lc.norm.tok.{en,de} for train, val and test_2016_flickr."""
+    (folder / "tok").mkdir(parents=True)
+    for split, n, seed in (("train", 300, 0), ("val", 30, 1), ("test_2016_flickr", 30, 2)):
+        src, tgt = make_corpus(n, seed=seed)
+        for lang, lines in (("en", src), ("de", tgt)):
+            text = "\n".join(lines) + "\n"
+            (folder / f"{split}.{lang}").write_text(text.capitalize(), encoding="utf-8")
+            (folder / "tok" / f"{split}.lc.norm.tok.{lang}").write_text(text, encoding="utf-8")
+    return folder
+
+
+def recipe(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_recipe_trains_fine_tunes_and_scores_both_models(tmp_path: Path) -> None:
+    data, work = multi30k_like(tmp_path / "data"), tmp_path / "work"
+    proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--workdir", str(work))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((work / "results.json").read_text())
+    assert sorted(results) == ["seq2seq.tok", "transformer.tok"]
+    for row in results.values():
+        for key in ("mle_test_2016_flickr", "rl_test_2016_flickr", "mle_val", "rl_val"):
+            assert 0.0 <= row[key] <= 100.0
+        assert len(row["mle_valid_bleu_per_epoch"]) == 2 and len(row["rl_valid_bleu_per_epoch"]) == 1
+    # the scores are those of the files it wrote, under the tok protocol
+    import sacrebleu
+
+    out = work / "transformer.tok"
+    hyps = (out / "test_2016_flickr.rl.de").read_text(encoding="utf-8").splitlines()
+    refs = (data / "tok" / "test_2016_flickr.lc.norm.tok.de").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == len(refs)
+    expected = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score
+    assert abs(results["transformer.tok"]["rl_test_2016_flickr"] - round(expected, 2)) < 1e-9
+    table = (work / "results.md").read_text()
+    assert "| transformer | tok |" in table and "| seq2seq | tok |" in table
+
+    # --rl_only keeps the MLE checkpoint and its curve, and redoes RL
+    mle_bytes = (out / "mle.pth").read_bytes()
+    proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--models", "transformer",
+                  "--workdir", str(work), "--rl_only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "$ python train.py" not in proc.stdout and "$ python continue_train.py" in proc.stdout
+    assert (out / "mle.pth").read_bytes() == mle_bytes
+    again = json.loads((work / "results.json").read_text())["transformer.tok"]
+    assert again["mle_valid_bleu_per_epoch"] == results["transformer.tok"]["mle_valid_bleu_per_epoch"]
+
+
+def test_rl_only_without_an_mle_run_names_the_model(tmp_path: Path) -> None:
+    data = multi30k_like(tmp_path / "data")
+    proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--models", "seq2seq",
+                  "--workdir", str(tmp_path / "empty"), "--rl_only")
+    assert proc.returncode == 1
+    assert "--rl_only: no MLE run of seq2seq.tok" in proc.stderr
