@@ -54,7 +54,12 @@ def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
     for round_ in range(22):
         load_fn = latest_epoch_file(tmp_path)
         proc = start(toy_dir, tmp_path / "m.pth", load_fn)
-        if round_ % 2:
+        if round_ == 0:  # one epoch checkpoint first, however slow the machine, so that later rounds resume
+            deadline = time.time() + 300
+            while latest_epoch_file(tmp_path) is None and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGKILL)
+        elif round_ % 2:
             during_save += wait_for_save_then_kill(proc, tmp_path)
         else:
             time.sleep(rng.uniform(2.0, 8.0))
