@@ -33,15 +33,24 @@ def latest_epoch_file(folder):
     return files[-1] if files else None
 
 
-def wait_for_save_then_kill(proc, folder, timeout=60.0):
-    """Kill the moment a temporary checkpoint file exists: in the middle of a save."""
+def kill_when(proc, ready, timeout, interval=0.0):
+    """Kill the process the moment ``ready()`` holds (or when it ends or times out); return whether it held.
+
+    ``interval``: seconds between checks (0 catches short states, such as a save, at the cost of a busy core).
+    """
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if any(name.endswith(".tmp") for name in os.listdir(folder)):
+        if ready():
             proc.send_signal(signal.SIGKILL)
             return True
+        time.sleep(interval)
     proc.send_signal(signal.SIGKILL)
     return False
+
+
+def saving(folder):
+    """A temporary checkpoint file exists: a save is under way."""
+    return any(name.endswith(".tmp") for name in os.listdir(folder))
 
 
 def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
@@ -55,12 +64,9 @@ def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
         load_fn = latest_epoch_file(tmp_path)
         proc = start(toy_dir, tmp_path / "m.pth", load_fn)
         if round_ == 0:  # one epoch checkpoint first, however slow the machine, so that later rounds resume
-            deadline = time.time() + 300
-            while latest_epoch_file(tmp_path) is None and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.1)
-            proc.send_signal(signal.SIGKILL)
+            kill_when(proc, lambda: latest_epoch_file(tmp_path) is not None, timeout=300, interval=0.1)
         elif round_ % 2:
-            during_save += wait_for_save_then_kill(proc, tmp_path)
+            during_save += kill_when(proc, lambda: saving(tmp_path), timeout=60)
         else:
             time.sleep(rng.uniform(2.0, 8.0))
             proc.send_signal(signal.SIGKILL)

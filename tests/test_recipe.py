@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import ROOT
+from conftest import run_script
 
 from simple_nmt.toy import make_corpus
-
-RECIPE = ROOT / "examples" / "multi30k" / "run.py"
 
 
 def multi30k_like(folder: Path) -> Path:
@@ -28,8 +24,7 @@ def multi30k_like(folder: Path) -> Path:
 
 
 def recipe(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, env=env, timeout=600)
+    return run_script("examples/multi30k/run.py", *args, check=False, timeout=600)
 
 
 def test_recipe_trains_fine_tunes_and_scores_both_models(tmp_path: Path) -> None:
