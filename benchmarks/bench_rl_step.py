@@ -11,14 +11,18 @@ vectorised GLEU and re-scores the actor with one teacher-forced forward.
 
 Each measurement runs in a fresh process, so that its peak memory is its own:
 peak RSS growth over the set-up on CPU, torch.cuda.max_memory_allocated on GPU.
-Untrained models rarely emit EOS, so every sample runs to --max_length tokens
-in both methods.
+Untrained models rarely emit EOS, so by default every sample runs to
+--max_length tokens in both methods. ``--mean_length N`` raises the EOS logit
+so that a sample ends with probability about 1/N at each step, as a trained
+model's samples end at different lengths; the table then gives the mean
+sampled length.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -85,6 +89,9 @@ def worker(args: argparse.Namespace) -> dict:
     config = default_config(**MODELS[args.model], max_length=args.max_length, rl_n_samples=args.k,
                             rl_reward="gleu", max_grad_norm=5.0)
     model = build_model(config, VOCAB, VOCAB).to(device).train()
+    if args.mean_length > 0:  # EOS logit such that P(EOS) is about 1 / mean_length at every step
+        with torch.no_grad():
+            model.generator.bias[EOS] += math.log((VOCAB - 1) / (args.mean_length - 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, VOCAB, (args.b, 20), generator=g)
@@ -93,9 +100,12 @@ def worker(args: argparse.Namespace) -> dict:
     batch = {"src": src.to(device), "src_lengths": torch.full((args.b,), 20, device=device), "tgt": tgt.to(device)}
     engine = MinimumRiskTrainingEngine(model, optimizer, config, device=device)
 
+    lengths = []
+
     def step() -> None:
         if args.method == "engine":
-            engine.train_step(batch)
+            # len_ratio: sampled tokens over reference tokens (20 per reference)
+            lengths.append(engine.train_step(batch)["len_ratio"] * 20)
         else:
             classic_step(model, optimizer, batch, args.k, args.max_length)
 
@@ -116,13 +126,13 @@ def worker(args: argparse.Namespace) -> dict:
         return {"oom": True}
     memory = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" \
         else peak_rss_mb() - rss_before
-    return {"seconds": min(times[1:]), "memory_mb": memory}
+    return {"seconds": min(times[1:]), "memory_mb": memory, "mean_length": sum(lengths) / max(len(lengths), 1)}
 
 
 def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int) -> dict:
     command = [sys.executable, __file__, "--worker", "--model", model, "--method", method, "--k", str(k),
                "--b", str(b), "--device", args.device, "--steps", str(args.steps), "--max_length",
-               str(args.max_length)]
+               str(args.max_length), "--mean_length", str(args.mean_length)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"oom": True} if "OutOfMemory" in proc.stderr or proc.returncode < 0 else {"error": proc.stderr[-300:]}
@@ -139,15 +149,18 @@ def row(args, model: str, k: int, b: int) -> tuple[list[object], dict, dict]:
     if "seconds" in engine and "seconds" in classic:
         speed = f"{classic['seconds'] / engine['seconds']:.1f}x"
         memory = f"{engine['memory_mb'] / max(classic['memory_mb'], 1e-9):.2f}"
-    return ([model, b, k, show(engine, "seconds", ".3f"), show(classic, "seconds", ".3f"), speed,
-             show(engine, "memory_mb", ".0f"), show(classic, "memory_mb", ".0f"), memory], engine, classic)
+    return ([model, b, k, show(engine, "mean_length", ".1f"), show(engine, "seconds", ".3f"),
+             show(classic, "seconds", ".3f"), speed, show(engine, "memory_mb", ".0f"),
+             show(classic, "memory_mb", ".0f"), memory], engine, classic)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up)")
-    p.add_argument("--max_length", type=int, default=40, help="sampled output length")
+    p.add_argument("--max_length", type=int, default=40, help="longest sampled output")
+    p.add_argument("--mean_length", type=float, default=0,
+                   help="raise the EOS logit so that samples end after about this many tokens (0: untrained model)")
     p.add_argument("--headline_only", action="store_true", help="only B=64, K=4 for both models, no scaling rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="transformer", help=argparse.SUPPRESS)
@@ -158,8 +171,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    headers = ["model", "B", "K", "engine s/step", "classic s/step", "speed-up", "engine MiB", "classic MiB",
-               "memory ratio"]
+    headers = ["model", "B", "K", "mean sample length", "engine s/step", "classic s/step", "speed-up",
+               "engine MiB", "classic MiB", "memory ratio"]
     rows, headline = [], {}
     for model in MODELS:
         cells, engine, classic = row(args, model, 4, 64)
@@ -170,12 +183,13 @@ def main() -> None:
     for k, b in scaling:
         rows.append(row(args, "transformer", k, b)[0])
         print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
-    print(f"\n# RL step on {args.device}: {machine(torch.device(args.device))}; output length {args.max_length}, "
-          f"vocabulary {VOCAB}, source length 20")
+    print(f"\n# RL step on {args.device}: {machine(torch.device(args.device))}; "
+          f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}, source length 20")
     print(table(headers, rows))
     t = headline["transformer"]
-    print(f"headline: Transformer, B=64, K=4 on {args.device}: engine {t[5]} faster than the classic step, "
-          f"peak memory ratio {t[8]} (engine / classic)")
+    print(f"headline: Transformer, B=64, K=4 on {args.device}: engine {t[6]} faster than the classic step, "
+          f"peak memory ratio {t[9]} (engine / classic)" + (f", outputs of about {args.mean_length:g} tokens"
+                                                            if args.mean_length else ""))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,9 +26,14 @@ def strip_eos(ids: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_log_probs(
-    model: torch.nn.Module, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor
+    model: torch.nn.Module, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
+    bucket_ratio: float = 1.5,
 ) -> torch.Tensor:
-    """log P(ids | src): one teacher-forced forward, summed up to and including EOS.
+    """log P(ids | src) by teacher forcing, summed up to and including EOS.
+
+    Rows are grouped by length, each group within a factor ``bucket_ratio``, and
+    each group's forward stops at its longest row: a few samples that never end
+    then cost their own length, not the whole batch's.
 
     Args:
         src: |src| = (n, src_length).
@@ -37,10 +43,19 @@ def sequence_log_probs(
     Returns:
         |log_p| = (n,), with a gradient.
     """
-    bos = torch.full_like(ids[:, :1], BOS)
-    log_probs = model(src, src_lengths, torch.cat([bos, ids[:, :-1]], dim=1))  # (n, length, vocab_size)
-    token_log_probs = log_probs.gather(2, ids.unsqueeze(2)).squeeze(2)  # |token_log_probs| = (n, length)
-    return token_log_probs.masked_fill(after_eos(ids) | (ids == PAD), 0.0).sum(dim=1)
+    scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (n, length): the tokens up to and including EOS
+    lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (n,)
+    buckets = (lengths.float().log() / math.log(bucket_ratio)).floor().long()
+    tgt_in = torch.cat([torch.full_like(ids[:, :1], BOS), ids[:, :-1]], dim=1)
+    rows, log_p = [], []
+    for bucket in buckets.unique().tolist():
+        index = (buckets == bucket).nonzero().squeeze(1)
+        t = int(lengths[index].max())
+        log_probs = model(src[index], src_lengths[index], tgt_in[index, :t])  # (len(index), t, vocab_size)
+        token_log_probs = log_probs.gather(2, ids[index, :t, None]).squeeze(2)  # (len(index), t)
+        log_p.append(token_log_probs.masked_fill(~scored[index, :t], 0.0).sum(dim=1))
+        rows.append(index)
+    return torch.cat(log_p)[torch.cat(rows).argsort()]
 
 
 def baseline_and_actors(rewards: torch.Tensor, kind: str, greedy_rewards: torch.Tensor | None = None

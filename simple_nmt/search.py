@@ -122,23 +122,29 @@ def sample_search(
     if n_samples > 1:
         state = repeat_state(state, n_samples)
     n = src.size(0) * n_samples
+    ids = torch.full((n, max_length), PAD, dtype=torch.long, device=src.device)
+    log_probs = torch.zeros(n, max_length, device=src.device)
+    rows = torch.arange(n, device=src.device)  # the output rows that the state still decodes
     y = torch.full((n,), BOS, dtype=torch.long, device=src.device)
     done = torch.zeros(n, dtype=torch.bool, device=src.device)
-    ids, log_probs = [], []
-    for _ in range(max_length):
-        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (n, vocab_size)
+    for t in range(max_length):
+        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(rows), vocab_size)
         allowed = _forbid_specials(step_log_probs)
         if is_greedy:
             y = allowed.argmax(dim=-1)
         else:
             y = draw(filter_logits(allowed / temperature, top_k, top_p).softmax(dim=-1))
-        y = y.masked_fill(done, PAD)  # |y| = (n,)
-        ids.append(y)
-        log_probs.append(step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0))
+        y = y.masked_fill(done, PAD)  # |y| = (len(rows),)
+        ids[rows, t] = y
+        log_probs[rows, t] = step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0)
         done = done | (y == EOS)
-        if done.all():
+        n_done = int(done.sum())
+        if n_done == len(rows):
             break
-    return torch.stack(ids, dim=1), torch.stack(log_probs, dim=1)
+        if 2 * n_done >= len(rows):  # at least half have ended: stop decoding them
+            keep = (~done).nonzero().squeeze(1)
+            state, rows, y, done = select_state(state, keep), rows[keep], y[keep], done[keep]
+    return ids[:, : t + 1], log_probs[:, : t + 1]
 
 
 def length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:

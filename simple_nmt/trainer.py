@@ -13,7 +13,6 @@ from typing import Any
 import ignite.distributed as idist
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, ProgressBar
 from ignite.metrics import RunningAverage
@@ -214,10 +213,15 @@ def token_losses(
         target: |target| = (batch_size, length).
     """
     flat_log_probs, flat_target = log_probs.flatten(0, 1).float(), target.flatten()
-    loss = F.cross_entropy(flat_log_probs, flat_target, ignore_index=PAD,
-                           label_smoothing=label_smoothing, reduction="sum")
-    nll = F.nll_loss(flat_log_probs, flat_target, ignore_index=PAD, reduction="sum").detach()
-    return loss, nll, int((target != PAD).sum())
+    # |flat_log_probs| = (batch_size * length, vocab_size)
+    # torch's label smoothing written out over log-probs: F.cross_entropy would apply a second
+    # log_softmax (and its backward) over the whole (tokens, vocab) tensor
+    mask = flat_target != PAD
+    nll = -flat_log_probs.gather(1, flat_target.unsqueeze(1)).squeeze(1).masked_fill(~mask, 0.0)
+    loss = (1.0 - label_smoothing) * nll
+    if label_smoothing > 0:
+        loss = loss - label_smoothing * flat_log_probs.mean(dim=1).masked_fill(~mask, 0.0)
+    return loss.sum(), nll.detach().sum(), int(mask.sum())
 
 
 def optimizer_name(config: Mapping[str, Any]) -> str:

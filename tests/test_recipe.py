@@ -66,3 +66,15 @@ def test_rl_only_without_an_mle_run_names_the_model(tmp_path: Path) -> None:
                   "--workdir", str(tmp_path / "empty"), "--rl_only")
     assert proc.returncode == 1
     assert "--rl_only: no MLE run of seq2seq.tok" in proc.stderr
+
+
+def test_a_failing_run_is_named_with_its_log_and_the_others_keep_their_results(tmp_path: Path) -> None:
+    data, work = multi30k_like(tmp_path / "data"), tmp_path / "work"
+    for lang in ("en", "de"):  # the raw protocol's training data is missing, the tok protocol's is not
+        (data / f"train.{lang}").unlink()
+    proc = recipe(str(data), "--profile", "smoke", "--models", "transformer", "--workdir", str(work), "--jobs", "2")
+    assert proc.returncode == 1
+    log = work / "transformer.raw" / "log.txt"
+    assert proc.stderr.strip().splitlines()[-1] == f"transformer.raw: train.py failed; its output is in {log}"
+    assert "train.en" in log.read_text()
+    assert list(json.loads((work / "results.json").read_text())) == ["transformer.tok"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, make_tiny_model
 
 from simple_nmt.cli import default_config
 from simple_nmt.data import BOS, EOS, PAD, ParallelDataset, TextField, Tokenizer, Vocab, collate
-from simple_nmt.models import build_model
+from simple_nmt.models import Seq2Seq, Transformer, build_model
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.rewards import sentence_bleu
 from simple_nmt.rl_trainer import (
@@ -144,6 +144,30 @@ def test_tokens_after_eos_change_nothing():
     assert strip_eos(ids).tolist()[1] == [6, PAD, PAD, PAD, PAD]
     expected = model.theta.log_softmax(-1)[[4, 5, EOS]].sum()
     torch.testing.assert_close(sequence_log_probs(model, src, lengths, ids)[0], expected)
+
+
+@pytest.mark.parametrize("cls", [Seq2Seq, Transformer])
+def test_log_probs_by_length_groups_equal_one_full_forward(cls):
+    model = make_tiny_model(cls, 11, 9)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 11, (6, 5), generator=g)
+    src_lengths = torch.tensor([5, 3, 4, 5, 2, 1])
+    src[1, 3:], src[2, 4:], src[4, 2:], src[5, 1:] = PAD, PAD, PAD, PAD
+    ids = torch.randint(4, 9, (6, 20), generator=g)  # row 0 never ends: it is as long as the batch
+    for row, end in [(1, 0), (2, 2), (3, 5), (4, 7), (5, 12)]:
+        ids[row, end], ids[row, end + 1:] = EOS, PAD
+    log_p = sequence_log_probs(model, src, src_lengths, ids)
+    log_p.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # the reference: one forward over the whole padded batch
+    tgt_in = torch.cat([torch.full((6, 1), BOS), ids[:, :-1]], dim=1)
+    token_log_probs = model(src, src_lengths, tgt_in).gather(2, ids[:, :, None]).squeeze(2)
+    expected = token_log_probs.masked_fill(after_eos(ids) | (ids == PAD), 0.0).sum(dim=1)
+    expected.sum().backward()
+    torch.testing.assert_close(log_p, expected)
+    for p, grad in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, grad)
 
 
 class FixedSamples(MinimumRiskTrainingEngine):

@@ -553,6 +553,27 @@ def test_greedy_equals_beam_size_one(cls):
 
 
 @pytest.mark.parametrize("cls", MODELS)
+def test_batched_greedy_stops_decoding_ended_rows_and_equals_per_sentence(cls):
+    model = make_model(cls)
+    src, src_lengths = random_batch(LENGTHS, seed=5)
+    rows_decoded = []
+    decode_step = model.decode_step
+
+    def counting_step(y, state):
+        rows_decoded.append(y.size(0))
+        return decode_step(y, state)
+
+    model.decode_step = counting_step
+    ids, log_probs = model.search(src, src_lengths, is_greedy=True, max_length=12)
+    assert rows_decoded[0] == len(LENGTHS) and rows_decoded[-1] < len(LENGTHS) / 2
+    for i, n in enumerate(LENGTHS):
+        one_ids, one_log_probs = model.search(src[i: i + 1, :n], src_lengths[i: i + 1], is_greedy=True,
+                                              max_length=12)
+        assert strip(one_ids[0].tolist()) == strip(ids[i].tolist())
+        assert one_log_probs.sum().item() == pytest.approx(log_probs[i].sum().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("alpha, ratio", [(1.0, 0.0), (0.0, 1.5)])
 def test_batched_beam_equals_per_sentence(cls, alpha, ratio):
     model = make_model(cls)

@@ -10,7 +10,7 @@ from conftest import TINY
 from ignite.engine import Events
 
 from simple_nmt.cli import default_config
-from simple_nmt.data import ParallelDataset, TextField, Tokenizer, Vocab, collate
+from simple_nmt.data import PAD, ParallelDataset, TextField, Tokenizer, Vocab, collate
 from simple_nmt.models import build_model
 from simple_nmt.toy import make_corpus
 from simple_nmt.trainer import (
@@ -18,6 +18,7 @@ from simple_nmt.trainer import (
     NonFiniteLossError,
     build_optimizer,
     build_scheduler,
+    token_losses,
 )
 
 
@@ -122,6 +123,33 @@ def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients():
     before = model.generator.bias.detach().clone()
     engine.run(batches, max_epochs=1)
     torch.testing.assert_close(before - model.generator.bias.detach(), (expected[0] + expected[1]) / 2)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
+def test_token_losses_match_torch_cross_entropy(label_smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    target = torch.randint(PAD + 1, 11, (3, 5))
+    target[0, 3:] = PAD
+    target[2, 1:] = PAD
+    log_probs = logits.log_softmax(dim=-1).requires_grad_()
+    loss, nll, n_tokens = token_losses(log_probs, target, label_smoothing)
+    loss.backward()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD,
+                                                 label_smoothing=label_smoothing, reduction="sum")
+    expected_nll = torch.nn.functional.nll_loss(log_probs.detach().flatten(0, 1), target.flatten(),
+                                                ignore_index=PAD, reduction="sum")
+    assert n_tokens == 15 - 2 - 4
+    torch.testing.assert_close(loss.detach(), expected)
+    torch.testing.assert_close(nll, expected_nll)
+    # the gradient through log_softmax equals torch's through logits
+    logits_leaf = logits.clone().requires_grad_()
+    token_losses(logits_leaf.log_softmax(dim=-1), target, label_smoothing)[0].backward()
+    reference = logits.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(reference.flatten(0, 1), target.flatten(), ignore_index=PAD,
+                                      label_smoothing=label_smoothing, reduction="sum").backward()
+    torch.testing.assert_close(logits_leaf.grad, reference.grad)
+    assert log_probs.grad[0, 3:].abs().sum() == 0  # PAD positions get no gradient
 
 
 def test_schedules():
