@@ -7,15 +7,16 @@ autograd graph kept through the whole sampling loop and keeps its (B, T, V)
 log-probs, then draws the K baseline samples in K separate no-grad passes, and
 scores every sentence in a Python loop (nltk GLEU on id lists). The engine's
 step samples all K+1 outputs in one batched no-grad search, scores them with the
-vectorised GLEU and re-scores the actor with one teacher-forced forward.
+vectorised GLEU and re-scores the actor by teacher forcing (one forward per
+group of similar sample lengths).
 
 Each measurement runs in a fresh process, so that its peak memory is its own:
 peak RSS growth over the set-up on CPU, torch.cuda.max_memory_allocated on GPU.
 Untrained models rarely emit EOS, so by default every sample runs to
 --max_length tokens in both methods. ``--mean_length N`` raises the EOS logit
 so that a sample ends with probability about 1/N at each step, as a trained
-model's samples end at different lengths; the table then gives the mean
-sampled length.
+model's samples end at different lengths; the table gives the mean number of
+tokens before EOS of the engine's samples.
 """
 
 from __future__ import annotations
@@ -168,10 +169,12 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4, help=argparse.SUPPRESS)
     p.add_argument("--b", type=int, default=64, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.mean_length and args.mean_length <= 1:
+        p.error("--mean_length must be above 1 (or 0)")
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    headers = ["model", "B", "K", "mean sample length", "engine s/step", "classic s/step", "speed-up",
+    headers = ["model", "B", "K", "mean sample tokens", "engine s/step", "classic s/step", "speed-up",
                "engine MiB", "classic MiB", "memory ratio"]
     rows, headline = [], {}
     for model in MODELS:

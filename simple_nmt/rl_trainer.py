@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.data import BOS, EOS, PAD, TextField
 from simple_nmt.rewards import Reward, as_reward
@@ -32,17 +33,23 @@ def sequence_log_probs(
     """log P(ids | src) by teacher forcing, summed up to and including EOS.
 
     Rows are grouped by length, each group within a factor ``bucket_ratio``, and
-    each group's forward stops at its longest row: a few samples that never end
-    then cost their own length, not the whole batch's.
+    each group's forward stops at its longest row (and its longest source): a few
+    samples that never end then cost their own length, not the whole batch's.
+    ``bucket_ratio=math.inf`` makes it one forward over the padded batch. The
+    result equals that one forward; in train mode each group draws its own
+    dropout masks.
 
     Args:
         src: |src| = (n, src_length).
         src_lengths: |src_lengths| = (n,).
         ids: |ids| = (n, length); whatever follows the first EOS is ignored.
+        bucket_ratio: > 1.
 
     Returns:
         |log_p| = (n,), with a gradient.
     """
+    if not bucket_ratio > 1:
+        raise ValueError(f"bucket_ratio must be > 1, got {bucket_ratio}")
     scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (n, length): the tokens up to and including EOS
     lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (n,)
     buckets = (lengths.float().log() / math.log(bucket_ratio)).floor().long()
@@ -50,8 +57,8 @@ def sequence_log_probs(
     rows, log_p = [], []
     for bucket in buckets.unique().tolist():
         index = (buckets == bucket).nonzero().squeeze(1)
-        t = int(lengths[index].max())
-        log_probs = model(src[index], src_lengths[index], tgt_in[index, :t])  # (len(index), t, vocab_size)
+        t, s = int(lengths[index].max()), int(src_lengths[index].max())
+        log_probs = model(src[index, :s], src_lengths[index], tgt_in[index, :t])  # (len(index), t, vocab_size)
         token_log_probs = log_probs.gather(2, ids[index, :t, None]).squeeze(2)  # (len(index), t)
         log_p.append(token_log_probs.masked_fill(~scored[index, :t], 0.0).sum(dim=1))
         rows.append(index)
@@ -92,7 +99,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
 
     Per batch: K + 1 samples of every source from ONE batched ``model.search``
     without a graph; rewards of all samples at once; log P of the samples that
-    get a gradient from ONE teacher-forced ``forward``. Only the loss and the
+    get a gradient from teacher-forced ``forward``s, one per group of similar
+    lengths (``sequence_log_probs``). Only the loss and the
     validation score differ from the MLE engine: accumulation, clipping, AMP,
     the non-finite guard, handlers and checkpoints are the same.
 
@@ -129,6 +137,10 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         self.reward = as_reward(reward or self.config.get("rl_reward", "bleu"),
                                 n_gram=self.config.get("rl_n_gram", 4), pad_id=PAD, decode=decode)
         self._search_repeats_state = "n_samples" in inspect.signature(self.raw_model.search).parameters
+        # DistributedDataParallel syncs buffers at every forward: the ranks must then run the
+        # same number of forwards, so a model with buffers is re-scored in one forward
+        has_buffers = any(True for _ in self.raw_model.buffers())
+        self._bucket_ratio = math.inf if isinstance(self.model, DistributedDataParallel) and has_buffers else 1.5
 
     def sample(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool = False) -> torch.Tensor:
         """``n`` outputs per source from one batched search, without a graph.
@@ -177,7 +189,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         n_actors = int(actors.sum())
         rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
         log_p = sequence_log_probs(self.model, src.repeat_interleave(n_actors, 0),
-                                   src_lengths.repeat_interleave(n_actors, 0), samples[rows])
+                                   src_lengths.repeat_interleave(n_actors, 0), samples[rows],
+                                   bucket_ratio=self._bucket_ratio)
         log_p = log_p.view(batch_size, n_actors)
         advantage = (rewards - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
         if c.get("rl_objective", "reinforce") == "mrt":

@@ -118,6 +118,8 @@ def sample_search(
         Each output ends with EOS unless it reached ``max_length``; PAD (and
         log-prob 0) after it.
     """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
     state = model.encode(src, src_lengths)
     if n_samples > 1:
         state = repeat_state(state, n_samples)

@@ -154,9 +154,20 @@ def test_log_probs_by_length_groups_equal_one_full_forward(cls):
     src_lengths = torch.tensor([5, 3, 4, 5, 2, 1])
     src[1, 3:], src[2, 4:], src[4, 2:], src[5, 1:] = PAD, PAD, PAD, PAD
     ids = torch.randint(4, 9, (6, 20), generator=g)  # row 0 never ends: it is as long as the batch
-    for row, end in [(1, 0), (2, 2), (3, 5), (4, 7), (5, 12)]:
+    for row, end in [(1, 6), (2, 2), (3, 5), (4, 0), (5, 12)]:
         ids[row, end], ids[row, end + 1:] = EOS, PAD
+    shapes = []
+    forward = model.forward
+
+    def recording_forward(src, src_lengths, tgt_in):
+        shapes.append((src.size(0), src.size(1), tgt_in.size(1)))
+        return forward(src, src_lengths, tgt_in)
+
+    model.forward = recording_forward
     log_p = sequence_log_probs(model, src, src_lengths, ids)
+    # (rows, source width, output width) per group: lengths 7 and 6 (rows 1 and 3) share one
+    assert shapes == [(1, 2, 1), (1, 4, 3), (2, 5, 7), (1, 1, 13), (1, 5, 20)]
+    model.forward = forward
     log_p.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()

@@ -22,11 +22,14 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import TextIO
 
 import sacrebleu
 
@@ -77,12 +80,21 @@ PROFILES = {
 FILES = {"tok": "{split}.lc.norm.tok", "raw": "{split}"}
 
 
+PRINT_LOCK = threading.Lock()
+
+
+def say(text: str, file: TextIO = sys.stdout) -> None:
+    """Print whole lines, also when several runs print at once."""
+    with PRINT_LOCK:
+        print(text, file=file, flush=True)
+
+
 def run(script: str, *args: str, log: Path, threads: int) -> list[float]:
     """Run one of the project's scripts, echo the command, append its output to ``log``.
 
     Returns the validation BLEU of each epoch it logged (empty for translation).
     """
-    print("$ python " + " ".join([script, *args]), flush=True)
+    say("$ python " + " ".join([script, *args]))
     with log.open("a") as f:
         f.write("$ python " + " ".join([script, *args]) + "\n")
         f.flush()
@@ -114,7 +126,11 @@ def score(hyp_file: Path, ref_file: Path, protocol: str) -> float:
 
 
 def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, threads: int) -> dict:
-    """MLE (unless --rl_only), RL, then beam-search translation and BLEU of one model under one protocol."""
+    """MLE (unless --rl_only), RL, then beam-search translation and BLEU of one model under one protocol.
+
+    Returns the row of results; ``row`` (that of an earlier run, for --rl_only) is not changed.
+    """
+    row = dict(row)
     profile = PROFILES[args.profile]
     data = args.data_dir / "tok" if protocol == "tok" else args.data_dir
     stem = FILES[protocol]
@@ -134,7 +150,7 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     row["rl_valid_bleu_per_epoch"] = run(
         "continue_train.py", "--load_fn", str(out / "mle.pth"), "--model_fn", str(out / "rl.pth"),
         "--train", str(rl_train), "--gpu_id", args.gpu_id, "--verbose", "1", *profile["rl"],
-        *profile.get(f"rl_{model}", []), **common)
+        *profile.get(f"rl_{model}", []), *shlex.split(args.rl_options), **common)
     row["rl_minutes"] = round((time.time() - start) / 60, 1)
     for phase in ("mle", "rl"):
         for split in ("test_2016_flickr", "val"):
@@ -143,7 +159,7 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
                 "--input", str(data / (stem.format(split=split) + ".en")), "--output", str(hyp),
                 "--beam_size", args.beam_size, "--gpu_id", args.gpu_id, **common)
             row[f"{phase}_{split}"] = round(score(hyp, data / (stem.format(split=split) + ".de"), protocol), 2)
-    print(json.dumps({f"{model}.{protocol}": row}), flush=True)
+    say(json.dumps({f"{model}.{protocol}": row}))
     return row
 
 
@@ -158,6 +174,8 @@ def main() -> None:
     p.add_argument("--beam_size", default="5", help="beam size for test and validation translations")
     p.add_argument("--rl_only", action="store_true",
                    help="keep the MLE checkpoints of an earlier run in WORKDIR and redo RL and the scores")
+    p.add_argument("--rl_options", default="",
+                   help='continue_train.py options after the profile\'s RL settings, e.g. "--rl_lr 1e-4"')
     p.add_argument("--jobs", type=int, default=0,
                    help="model/protocol runs at a time (0: one per CPU core on CPU, one on a GPU); "
                         "each run gets OMP_NUM_THREADS = cores / jobs unless it is set")
@@ -179,16 +197,18 @@ def main() -> None:
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(pipeline, model, protocol, args, results.get(f"{model}.{protocol}", {}), threads):
                    f"{model}.{protocol}" for model, protocol in runs}
-        for future in as_completed(futures):
-            try:
-                results[futures[future]] = future.result()
-            except RuntimeError as e:  # the other runs go on, and keep their results
-                failures.append(f"{futures[future]}: {e}")
-                print(failures[-1], file=sys.stderr, flush=True)
-                continue
-            results_json.write_text(json.dumps(results, indent=1))
-    if failures:
-        sys.exit(failures[0])
+        try:
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except Exception as e:  # the other runs go on, and keep their results
+                    failures.append(f"{futures[future]}: {e}")
+                    say(failures[-1], file=sys.stderr)
+                    continue
+                results_json.write_text(json.dumps(results, indent=1))
+        except BaseException:  # Ctrl-C: start no further runs
+            pool.shutdown(cancel_futures=True)
+            raise
     minutes = round((time.time() - start) / 60, 1)
 
     lines = ["| model | protocol | MLE BLEU | MLE+RL BLEU | delta | val MLE | val MLE+RL | MLE min | RL min |",
@@ -206,7 +226,9 @@ def main() -> None:
     lines.append(f"\nThis run: {minutes} min, {jobs} run(s) at a time with {threads} thread(s) each "
                  f"on {cores} CPU core(s), profile {args.profile}.")
     (args.workdir / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    say("\n".join(lines))
+    if failures:
+        sys.exit(failures[0])
 
 
 if __name__ == "__main__":
