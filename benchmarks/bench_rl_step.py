@@ -41,6 +41,8 @@ from simple_nmt.data import BOS, EOS, PAD  # noqa: E402
 from simple_nmt.models import build_model  # noqa: E402
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine, strip_eos  # noqa: E402
 
+SENTENCE_LENGTH = 20  # tokens of every source and reference (EOS aside)
+
 
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -95,18 +97,19 @@ def worker(args: argparse.Namespace) -> dict:
             model.generator.bias[EOS] += math.log((VOCAB - 1) / (args.mean_length - 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    src = torch.randint(4, VOCAB, (args.b, 20), generator=g)
-    tgt = torch.cat([torch.full((args.b, 1), BOS), torch.randint(4, VOCAB, (args.b, 20), generator=g),
+    src = torch.randint(4, VOCAB, (args.b, SENTENCE_LENGTH), generator=g)
+    tgt = torch.cat([torch.full((args.b, 1), BOS), torch.randint(4, VOCAB, (args.b, SENTENCE_LENGTH), generator=g),
                      torch.full((args.b, 1), EOS)], dim=1)
-    batch = {"src": src.to(device), "src_lengths": torch.full((args.b,), 20, device=device), "tgt": tgt.to(device)}
+    batch = {"src": src.to(device), "src_lengths": torch.full((args.b,), SENTENCE_LENGTH, device=device),
+             "tgt": tgt.to(device)}
     engine = MinimumRiskTrainingEngine(model, optimizer, config, device=device)
 
     lengths = []
 
     def step() -> None:
         if args.method == "engine":
-            # len_ratio: sampled tokens over reference tokens (20 per reference)
-            lengths.append(engine.train_step(batch)["len_ratio"] * 20)
+            # len_ratio: sampled tokens over reference tokens
+            lengths.append(engine.train_step(batch)["len_ratio"] * SENTENCE_LENGTH)
         else:
             classic_step(model, optimizer, batch, args.k, args.max_length)
 
@@ -187,7 +190,8 @@ def main() -> None:
         rows.append(row(args, "transformer", k, b)[0])
         print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n# RL step on {args.device}: {machine(torch.device(args.device))}; "
-          f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}, source length 20")
+          f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}, "
+          f"sources and references of {SENTENCE_LENGTH} tokens")
     print(table(headers, rows))
     t = headline["transformer"]
     print(f"headline: Transformer, B=64, K=4 on {args.device}: engine {t[6]} faster than the classic step, "

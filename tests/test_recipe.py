@@ -75,4 +75,3 @@ def test_rl_only_without_an_mle_run_names_the_model(tmp_path: Path) -> None:
                   "--workdir", str(tmp_path / "empty"), "--rl_only")
     assert proc.returncode == 1
     assert "--rl_only: no MLE run of seq2seq.tok" in proc.stderr
-

@@ -94,9 +94,10 @@ def run(script: str, *args: str, log: Path, threads: int) -> list[float]:
 
     Returns the validation BLEU of each epoch it logged (empty for translation).
     """
-    say("$ python " + " ".join([script, *args]))
+    command = "$ python " + " ".join([script, *args])
+    say(command)
     with log.open("a") as f:
-        f.write("$ python " + " ".join([script, *args]) + "\n")
+        f.write(command + "\n")
         f.flush()
         start = f.tell()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -133,7 +134,10 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     row = dict(row)
     profile = PROFILES[args.profile]
     data = args.data_dir / "tok" if protocol == "tok" else args.data_dir
-    stem = FILES[protocol]
+
+    def prefix(split: str) -> Path:  # the split's files are PREFIX.en / PREFIX.de
+        return data / FILES[protocol].format(split=split)
+
     out = args.workdir / f"{model}.{protocol}"
     out.mkdir(exist_ok=True)
     log = out / "log.txt"
@@ -141,12 +145,11 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     if not args.rl_only:
         start = time.time()
         curve = run("train.py", "--model_fn", str(out / "mle.pth"),
-                    "--train", str(data / stem.format(split="train")),
-                    "--valid", str(data / stem.format(split="val")), "--lang", "ende",
+                    "--train", str(prefix("train")), "--valid", str(prefix("val")), "--lang", "ende",
                     "--gpu_id", args.gpu_id, "--verbose", "1", *profile["common"], *profile[model], **common)
         row = {"mle_minutes": round((time.time() - start) / 60, 1), "mle_valid_bleu_per_epoch": curve}
     start = time.time()
-    rl_train = subset(data / stem.format(split="train"), profile["rl_sentences"], out / "rl_train")
+    rl_train = subset(prefix("train"), profile["rl_sentences"], out / "rl_train")
     row["rl_valid_bleu_per_epoch"] = run(
         "continue_train.py", "--load_fn", str(out / "mle.pth"), "--model_fn", str(out / "rl.pth"),
         "--train", str(rl_train), "--gpu_id", args.gpu_id, "--verbose", "1", *profile["rl"],
@@ -156,9 +159,9 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
         for split in ("test_2016_flickr", "val"):
             hyp = out / f"{split}.{phase}.de"
             run("translate.py", "--model_fn", str(out / f"{phase}.pth"),
-                "--input", str(data / (stem.format(split=split) + ".en")), "--output", str(hyp),
+                "--input", f"{prefix(split)}.en", "--output", str(hyp),
                 "--beam_size", args.beam_size, "--gpu_id", args.gpu_id, **common)
-            row[f"{phase}_{split}"] = round(score(hyp, data / (stem.format(split=split) + ".de"), protocol), 2)
+            row[f"{phase}_{split}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
     say(json.dumps({f"{model}.{protocol}": row}))
     return row
 
