@@ -26,6 +26,47 @@ def strip_eos(ids: torch.Tensor) -> torch.Tensor:
     return ids.masked_fill(after_eos(ids) | (ids == EOS), PAD)
 
 
+class _SelectedLogProbs(torch.autograd.Function):
+    """log_softmax(logits).gather(ids) with one (n, t, V) tensor saved and one for the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # |logits| = (n, t, vocab_size), |ids| = (n, t)
+        log_z = logits.logsumexp(dim=-1)  # |log_z| = (n, t)
+        ctx.save_for_backward(logits, ids, log_z)
+        return logits.gather(2, ids[:, :, None]).squeeze(2) - log_z
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, ids, log_z = ctx.saved_tensors
+        # d log p(y) / d logits = onehot(y) - softmax(logits)
+        grad_logits = (logits - log_z[:, :, None]).exp_().mul_(-grad[:, :, None])
+        return grad_logits.scatter_add_(2, ids[:, :, None], grad[:, :, None]), None
+
+
+def selected_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``logits.log_softmax(-1).gather(2, ids[..., None]).squeeze(2)``, lighter on memory.
+
+    Autograd through log_softmax and gather holds three (n, t, V) tensors at the
+    peak of the backward pass (the log-probs, gather's gradient, log_softmax's
+    gradient); this holds two (the logits and their gradient).
+
+    Args:
+        logits: |logits| = (n, t, vocab_size).
+        ids: |ids| = (n, t).
+
+    Returns:
+        |log_probs| = (n, t).
+    """
+    return _SelectedLogProbs.apply(logits, ids)
+
+
+def returns_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``normalize`` (``normalize=False``: logits, not log-probs)."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    return "normalize" in inspect.signature(module.forward).parameters
+
+
 def sequence_log_probs(
     model: torch.nn.Module, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
     bucket_ratio: float = 1.5,
@@ -37,7 +78,9 @@ def sequence_log_probs(
     samples that never end then cost their own length, not the whole batch's.
     ``bucket_ratio=math.inf`` makes it one forward over the padded batch. The
     result equals that one forward; in train mode each group draws its own
-    dropout masks.
+    dropout masks. A model whose forward takes ``normalize`` (both built-in
+    models) is asked for logits, and the chosen tokens' log-probs come from
+    ``selected_log_probs``; any other model's log-probs are gathered.
 
     Args:
         src: |src| = (n, src_length).
@@ -50,6 +93,7 @@ def sequence_log_probs(
     """
     if not bucket_ratio > 1:
         raise ValueError(f"bucket_ratio must be > 1, got {bucket_ratio}")
+    logits = returns_logits(model)
     scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (n, length): the tokens up to and including EOS
     lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (n,)
     buckets = (lengths.float().log() / math.log(bucket_ratio)).floor().long()
@@ -58,8 +102,11 @@ def sequence_log_probs(
     for bucket in buckets.unique().tolist():
         index = (buckets == bucket).nonzero().squeeze(1)
         t, s = int(lengths[index].max()), int(src_lengths[index].max())
-        log_probs = model(src[index, :s], src_lengths[index], tgt_in[index, :t])  # (len(index), t, vocab_size)
-        token_log_probs = log_probs.gather(2, ids[index, :t, None]).squeeze(2)  # (len(index), t)
+        args, chosen = (src[index, :s], src_lengths[index], tgt_in[index, :t]), ids[index, :t]
+        if logits:
+            token_log_probs = selected_log_probs(model(*args, normalize=False), chosen)  # (len(index), t)
+        else:
+            token_log_probs = model(*args).gather(2, chosen[:, :, None]).squeeze(2)
         log_p.append(token_log_probs.masked_fill(~scored[index, :t], 0.0).sum(dim=1))
         rows.append(index)
     return torch.cat(log_p)[torch.cat(rows).argsort()]
@@ -110,7 +157,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
     that the gradients are averaged over the ranks.
 
     Args:
-        model: any module with ``forward(src, src_lengths, tgt_in)`` and
+        model: any module with ``forward(src, src_lengths, tgt_in[, normalize])`` (see
+            ``sequence_log_probs``) and
             ``search(src, src_lengths, is_greedy, max_length, temperature, top_k, top_p[, n_samples])``,
             or one in ``DistributedDataParallel``.
         optimizer, config, scheduler, device, tgt_field: as for the MLE engine; ``config``

@@ -15,6 +15,8 @@ from simple_nmt.rl_trainer import (
     MinimumRiskTrainingEngine,
     after_eos,
     baseline_and_actors,
+    returns_logits,
+    selected_log_probs,
     sequence_log_probs,
     strip_eos,
 )
@@ -159,9 +161,9 @@ def test_log_probs_by_length_groups_equal_one_full_forward(cls):
     shapes = []
     forward = model.forward
 
-    def recording_forward(src, src_lengths, tgt_in):
+    def recording_forward(src, src_lengths, tgt_in, normalize=True):
         shapes.append((src.size(0), src.size(1), tgt_in.size(1)))
-        return forward(src, src_lengths, tgt_in)
+        return forward(src, src_lengths, tgt_in, normalize)
 
     model.forward = recording_forward
     log_p = sequence_log_probs(model, src, src_lengths, ids)
@@ -179,6 +181,52 @@ def test_log_probs_by_length_groups_equal_one_full_forward(cls):
     torch.testing.assert_close(log_p, expected)
     for p, grad in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, grad)
+
+
+def test_selected_log_probs_equal_log_softmax_and_gather():
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 4, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    ids = torch.randint(0, 7, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    expected = logits.log_softmax(-1).gather(2, ids[:, :, None]).squeeze(2)
+    (expected_grad,) = torch.autograd.grad((weights * expected).sum(), logits)
+    got = selected_log_probs(logits, ids)
+    (grad,) = torch.autograd.grad((weights * got).sum(), logits)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.autograd.gradcheck(selected_log_probs, (logits, ids))
+
+
+@pytest.mark.parametrize("cls", [Seq2Seq, Transformer])
+def test_log_probs_from_logits_equal_a_model_that_gives_log_probs(cls):
+    """The built-in models give logits to sequence_log_probs; a forward without normalize gives log-probs."""
+    model = make_tiny_model(cls, 11, 9).eval()
+    g = torch.Generator().manual_seed(1)
+    src, src_lengths = torch.randint(4, 11, (4, 5), generator=g), torch.full((4,), 5)
+    ids = torch.randint(4, 9, (4, 8), generator=g)
+    ids[1, 3], ids[1, 4:] = EOS, PAD
+
+    class LogProbsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, src, src_lengths, tgt_in):
+            return self.inner(src, src_lengths, tgt_in)
+
+    assert returns_logits(model) and not returns_logits(LogProbsOnly())
+    results = []
+    for scorer in (model, LogProbsOnly()):
+        model.zero_grad()
+        log_p = sequence_log_probs(scorer, src, src_lengths, ids)
+        log_p.sum().backward()
+        results.append((log_p.detach(), [p.grad.clone() for p in model.parameters()]))
+    (log_p, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(log_p, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    torch.testing.assert_close(model(src, src_lengths, ids, normalize=False).log_softmax(-1),
+                               model(src, src_lengths, ids))
 
 
 class FixedSamples(MinimumRiskTrainingEngine):

@@ -174,8 +174,13 @@ class Transformer(EncoderDecoder):
         log_probs = self.generator(h.squeeze(1)).float().log_softmax(dim=-1)
         return log_probs, dict(state, self_kv=cache, step=state["step"] + 1)
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: |tgt_in| = (batch_size, length) -> log-probs (batch_size, length, vocab_size)."""
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
+                normalize: bool = True) -> torch.Tensor:
+        """Teacher forcing: |tgt_in| = (batch_size, length) -> log-probs (batch_size, length, vocab_size).
+
+        ``normalize=False`` returns the logits instead.
+        """
         state = self.encode(src, src_lengths)
         h, _ = self._decode(self._embed(self.tgt_emb, tgt_in), state, causal=True)
-        return self.generator(h).float().log_softmax(dim=-1)
+        logits = self.generator(h).float()  # |logits| = (batch_size, length, vocab_size)
+        return logits.log_softmax(dim=-1) if normalize else logits
