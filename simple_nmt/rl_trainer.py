@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.data import BOS, EOS, PAD, TextField
@@ -31,17 +32,19 @@ class _SelectedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # |logits| = (n, t, vocab_size), |ids| = (n, t)
-        log_z = logits.logsumexp(dim=-1)  # |log_z| = (n, t)
+        # |logits| = (n, t, vocab_size), |ids| = (n, t); half-precision logits are summed in float32
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        log_z = logits.to(wide).logsumexp(dim=-1)  # |log_z| = (n, t)
         ctx.save_for_backward(logits, ids, log_z)
-        return logits.gather(2, ids[:, :, None]).squeeze(2) - log_z
+        return logits.gather(2, ids[:, :, None]).squeeze(2).to(wide) - log_z
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits, ids, log_z = ctx.saved_tensors
         # d log p(y) / d logits = onehot(y) - softmax(logits)
-        grad_logits = (logits - log_z[:, :, None]).exp_().mul_(-grad[:, :, None])
-        return grad_logits.scatter_add_(2, ids[:, :, None], grad[:, :, None]), None
+        grad_logits = (logits.to(log_z.dtype) - log_z[:, :, None]).exp_().mul_(-grad[:, :, None])
+        return grad_logits.scatter_add_(2, ids[:, :, None], grad[:, :, None]).to(logits.dtype), None
 
 
 def selected_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -62,9 +65,13 @@ def selected_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def returns_logits(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``normalize`` (``normalize=False``: logits, not log-probs)."""
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    return "normalize" in inspect.signature(module.forward).parameters
+    """Whether ``model``'s forward takes ``normalize`` (``normalize=False``: logits, not log-probs).
+
+    Looks through DistributedDataParallel and ``torch.compile`` wrappers.
+    """
+    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return "normalize" in inspect.signature(model.forward).parameters
 
 
 def sequence_log_probs(

@@ -195,6 +195,17 @@ def test_selected_log_probs_equal_log_softmax_and_gather():
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
     assert torch.autograd.gradcheck(selected_log_probs, (logits, ids))
+    # bfloat16 logits are summed in float32: as close to the float64 result as float32 rounding of the input allows
+    half = logits.detach().bfloat16().requires_grad_()
+    (half_grad,) = torch.autograd.grad((weights * selected_log_probs(half, ids)).sum(), half)
+    exact = half.detach().double().requires_grad_()
+    (exact_grad,) = torch.autograd.grad((weights * selected_log_probs(exact, ids)).sum(), exact)
+    torch.testing.assert_close(selected_log_probs(half, ids).double(), selected_log_probs(exact, ids),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(half_grad.double(), exact_grad, atol=1e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError):  # a second derivative is refused, not silently wrong
+        (g2,) = torch.autograd.grad(selected_log_probs(logits, ids).sum(), logits, create_graph=True)
+        g2.sum().backward()
 
 
 @pytest.mark.parametrize("cls", [Seq2Seq, Transformer])
@@ -214,7 +225,7 @@ def test_log_probs_from_logits_equal_a_model_that_gives_log_probs(cls):
         def forward(self, src, src_lengths, tgt_in):
             return self.inner(src, src_lengths, tgt_in)
 
-    assert returns_logits(model) and not returns_logits(LogProbsOnly())
+    assert returns_logits(model) and returns_logits(torch.compile(model)) and not returns_logits(LogProbsOnly())
     results = []
     for scorer in (model, LogProbsOnly()):
         model.zero_grad()
