@@ -244,6 +244,41 @@ def test_large_ids(base):
     torch.testing.assert_close(sentence_bleu(h, r, PAD), sentence_bleu(_pad(hyps, 18), _pad(refs, 19), PAD))
 
 
+@pytest.mark.parametrize("shift", [8, 16, 24, 40, 56])
+def test_ids_that_differ_only_in_a_high_byte(shift):
+    # ids are compared byte by byte: these share every byte but one
+    hyps, refs = _random_pairs(300, seed=23, vocab=6)
+
+    def high(seqs):
+        return [[t << shift for t in s] for s in seqs]
+
+    h, r = _pad(high(hyps), 24), _pad(high(refs), 25)
+    _close(sentence_bleu(h, r, PAD), _sacrebleu(high(hyps), high(refs)))
+    _close(sentence_gleu(h, r, PAD), _nltk(high(hyps), high(refs)))
+
+
+@pytest.mark.parametrize("length", [300, 1100])
+def test_long_sentences_with_many_repeats(length):
+    # past 255 tokens the counts leave bytes, past 1024 the clipped counts sum in float64;
+    # three tokens repeat hundreds of times each
+    rng = random.Random(length)
+    hyps = [[rng.randint(1, 3) for _ in range(length)], [rng.randint(1, 3) for _ in range(length // 3)]]
+    refs = [[rng.randint(1, 3) for _ in range(length // 2)], [rng.randint(1, 3) for _ in range(length)]]
+    h, r = _pad(hyps, 26), _pad(refs, 27)
+    _close(sentence_bleu(h, r, PAD), _sacrebleu(hyps, refs))
+    _close(sentence_gleu(h, r, PAD), _nltk(hyps, refs))
+
+
+def test_negative_pad_id_on_empty_sentences():
+    # rows of a negative pad id only score 0; real tokens beside it still match
+    h, r = torch.full((2, 150), -100), torch.full((2, 140), -100)
+    for fn in (sentence_bleu, sentence_gleu):
+        torch.testing.assert_close(fn(h, r, -100), torch.zeros(2))
+    h[1, :2] = torch.tensor([5, 6])
+    r[1, :2] = torch.tensor([5, 6])
+    torch.testing.assert_close(sentence_bleu(h, r, -100), torch.tensor([0.0, 100.0]), atol=1e-4, rtol=0)
+
+
 def test_different_widths_and_all_pad_columns():
     h = torch.tensor([[1, 2, 3, 4, 0, 0, 0, 0, 0, 0]])
     r = torch.tensor([[0, 1, 2, 0, 3, 4]])
