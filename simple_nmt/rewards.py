@@ -85,7 +85,7 @@ def _ngram_matches(
     Args:
         hyps: hypothesis ids, ``(batch_size, length)``.
         refs: reference ids, ``(batch_size, length')``.
-        pad_id: ignored id (all other ids must be >= 0).
+        pad_id: ignored id.
         max_order: the largest n-gram order.
 
     Returns:
@@ -96,21 +96,25 @@ def _ngram_matches(
     """
     _check_pair(hyps, refs)
     batch_size, device = hyps.size(0), hyps.device
-    # Both sides in one tensor: hypotheses then references, as wide as the wider.
+    # Both sides in one tensor: hypotheses then references, as wide as the wider
+    # (widened with new_full: F.pad's value goes through a float and rounds big ids).
     width = max(hyps.size(1), refs.size(1))
-    x = torch.cat([F.pad(ids, (0, width - ids.size(1)), value=pad_id) for ids in (hyps, refs)])
-    x, lengths = _compact(x, pad_id)
+    sides = [torch.cat([ids, ids.new_full((batch_size, width - ids.size(1)), pad_id)], dim=1) for ids in (hyps, refs)]
+    x, lengths = _compact(torch.cat(sides), pad_id)
     # |x| = (2 * batch_size, length), |lengths| = (2 * batch_size,)
     # max_order - 1 more positions after each sentence, so that no n-gram runs off
     # its side; every position past a sentence end gets its own id above every
-    # token, so nothing involving padding is ever equal to anything else.
-    top = max(int(x.max()) if x.numel() else 0, 0)
+    # token, so a padding position equals no other position.
     length = x.size(1) + max_order - 1
     pos = torch.arange(length, device=device)
+    real = pos < lengths.view(2, batch_size, 1)
+    # |real| = (2, batch_size, length)
+    x = F.pad(x, (0, max_order - 1)).view(2, batch_size, length).masked_fill(~real, 0)
+    lowest, top = torch.stack(torch.aminmax(x)).tolist() if x.numel() else (0, 0)
+    top = max(top, 0)
     pad_ids = top + 1 + torch.arange(2, device=device)[:, None, None] * length + pos
     # |pad_ids| = (2, 1, length)
-    x = F.pad(x, (0, max_order - 1)).view(2, batch_size, length)
-    x = torch.where(pos < lengths.view(2, batch_size, 1), x, pad_ids)
+    x = torch.where(real, x, pad_ids)
     x = x.transpose(1, 2).contiguous()
     # |x| = (2, length, batch_size): x[0] the hypotheses, x[1] the references
 
@@ -121,17 +125,19 @@ def _ngram_matches(
     # (k, i) -> (k + 1, i + 1) is a constant offset: the n-gram equality is the
     # (n - 1)-gram equality AND the unigram equality n - 1 steps along the diagonal,
     # all on flat memory. A real n-gram at i never leaves its row i, and an n-gram
-    # at k that would run off its block (or the buffer) starts on padding, so it is
-    # unequal already.
+    # at k that would run off its block (or the buffer) starts on padding, which
+    # equals no real token. (An n-gram that reaches padding matches itself in the
+    # hypothesis block but nothing in the reference block, so it adds nothing.)
     size = 2 * length * length * batch_size
     step = (length + 1) * batch_size
     buffer = torch.empty(2 * size + (max_order - 1) * step, dtype=torch.bool, device=device)
     flat, work = buffer[:-size], buffer[-size:].view(2 * length, length, batch_size)
     flat[size:] = False
     equal = flat[:size].view(2 * length, length, batch_size)
-    # Ids are compared one byte at a time, up to the highest byte in use: == on
-    # bytes is many times faster than on int64 on CPU.
-    for byte in range(max(1, ((top + 2 * length).bit_length() + 7) // 8)):
+    # Ids are compared one byte at a time, up to the highest byte in use (all of
+    # them for negative ids): == on bytes is many times faster than on int64 on CPU.
+    n_bytes = x.element_size() if lowest < 0 else max(1, ((top + 2 * length).bit_length() + 7) // 8)
+    for byte in range(n_bytes):
         x_byte = ((x >> 8 * byte) & 255).to(torch.uint8)
         torch.eq(x_byte.view(2 * length, 1, batch_size), x_byte[0], out=work if byte else equal)
         if byte:
@@ -147,8 +153,8 @@ def _ngram_matches(
         _count(equal.view(2, length, length, batch_size), out=counts[n - 1])
     # An n-gram seen c_h times adds min(c_h, c_r) / c_h at each of its c_h positions,
     # so the positions sum to its clipped count. The float error of that sum is
-    # below length^2 / 2^24 in float32, at most 1/16 for sentences of up to 1024
-    # tokens, so rounding gives the exact integer; longer ones sum in float64.
+    # below length^2 / 2^24 in float32, at most 1/16 up to 1024 positions, so
+    # rounding gives the exact integer; longer rows sum in float64 (but on MPS).
     count_h, count_r = counts[:, 0], counts[:, 1]
     # |count_h| = |count_r| = (max_order, length, batch_size)
     clipped = torch.minimum(count_h, count_r).to(torch.float32 if length <= 1024 else _float_dtype(device))

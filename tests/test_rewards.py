@@ -279,6 +279,27 @@ def test_negative_pad_id_on_empty_sentences():
     torch.testing.assert_close(sentence_bleu(h, r, -100), torch.tensor([0.0, 100.0]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("pad_id", [2**53 + 1, 2**63 - 1, -(2**53 + 1)])
+def test_huge_pad_id_with_different_widths(pad_id):
+    # widening the narrower side must write the pad id exactly, not a float's rounding of it
+    h, r = torch.tensor([[1, 2], [3, pad_id]]), torch.tensor([[1, 2, pad_id], [3, 4, 5]])
+    for fn in (sentence_bleu, sentence_gleu):
+        torch.testing.assert_close(fn(h, r, pad_id)[0], torch.tensor(100.0), atol=1e-4, rtol=0)
+    _close(sentence_bleu(h, r, pad_id), _sacrebleu([[1, 2], [3]], [[1, 2], [3, 4, 5]]))
+
+
+def test_negative_token_ids():
+    # ids are only compared, negative ones too: -255, -254, -253 share their low byte with 1, 2, 3
+    hyps, refs = _random_pairs(200, seed=28, vocab=6)
+
+    def signed(seqs):
+        return [[t if t <= 3 else t - 3 - 256 for t in s] for s in seqs]
+
+    h, r = _pad(signed(hyps), 29), _pad(signed(refs), 30)
+    _close(sentence_bleu(h, r, PAD), _sacrebleu(signed(hyps), signed(refs)))
+    _close(sentence_gleu(h, r, PAD), _nltk(signed(hyps), signed(refs)))
+
+
 def test_different_widths_and_all_pad_columns():
     h = torch.tensor([[1, 2, 3, 4, 0, 0, 0, 0, 0, 0]])
     r = torch.tensor([[0, 1, 2, 0, 3, 4]])
