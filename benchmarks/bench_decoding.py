@@ -36,7 +36,7 @@ class NoCacheTransformer(Transformer):
 
     def decode_step(self, y_prev: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         prefix = torch.cat([state["prefix"], y_prev[:, None]], dim=1)  # |prefix| = (batch_size, t)
-        h, _ = self._decode(self._embed(self.tgt_emb, prefix), state, causal=True)  # state's cache stays empty
+        h, _ = self._run_decoder(self._embed(self.tgt_emb, prefix), state, causal=True)  # state's cache stays empty
         return self.generator(h[:, -1]).float().log_softmax(dim=-1), dict(state, prefix=prefix)
 
 

@@ -12,7 +12,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.data import BOS, EOS, PAD, TextField
+from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.rewards import Reward, as_reward
+from simple_nmt.search import select_state
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine
 
 
@@ -74,46 +76,70 @@ def returns_logits(model: torch.nn.Module) -> bool:
     return "normalize" in inspect.signature(model.forward).parameters
 
 
+def encodes_once(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s teacher forcing is ``EncoderDecoder.forward`` (``decode`` on ``encode``'s state).
+
+    Such a model (both built-in ones) can encode a source once and decode all its
+    samples from that state. A model in DistributedDataParallel is not: its
+    wrapper's forward must run for the gradients to be averaged.
+    """
+    return type(model).forward is EncoderDecoder.forward
+
+
 def sequence_log_probs(
     model: torch.nn.Module, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
     bucket_ratio: float = 1.5,
 ) -> torch.Tensor:
     """log P(ids | src) by teacher forcing, summed up to and including EOS.
 
-    Rows are grouped by length, each group within a factor ``bucket_ratio``, and
-    each group's forward stops at its longest row (and its longest source): a few
-    samples that never end then cost their own length, not the whole batch's.
-    ``bucket_ratio=math.inf`` makes it one forward over the padded batch. The
-    result equals that one forward; in train mode each group draws its own
-    dropout masks. A model whose forward takes ``normalize`` (both built-in
-    models) is asked for logits, and the chosen tokens' log-probs come from
-    ``selected_log_probs``; any other model's log-probs are gathered.
+    ``ids`` may hold n outputs per source, in the layout of ``search(..., n_samples=n)``.
+    A model whose forward is ``EncoderDecoder``'s (``encodes_once``) runs its encoder
+    once per source and decodes the outputs from that state; any other model is
+    called with each output's source repeated. Rows are grouped by length, each
+    group within a factor ``bucket_ratio``, and each group stops at its longest row:
+    a few samples that never end then cost their own length, not the whole
+    batch's. ``bucket_ratio=math.inf`` makes it one pass over the padded batch.
+    The result equals one forward over the repeated sources; in train mode each
+    group draws its own dropout masks (and with ``encodes_once`` the outputs of a
+    source share the encoder's). The chosen tokens' log-probs come from
+    ``selected_log_probs`` on logits where the model gives them (``decode``, or a
+    forward that takes ``normalize``); any other model's log-probs are gathered.
 
     Args:
-        src: |src| = (n, src_length).
-        src_lengths: |src_lengths| = (n,).
-        ids: |ids| = (n, length); whatever follows the first EOS is ignored.
+        src: |src| = (batch_size, src_length).
+        src_lengths: |src_lengths| = (batch_size,).
+        ids: |ids| = (batch_size * n, length), the outputs of source i in rows i*n .. i*n + n - 1;
+            whatever follows the first EOS is ignored.
         bucket_ratio: > 1.
 
     Returns:
-        |log_p| = (n,), with a gradient.
+        |log_p| = (batch_size * n,), with a gradient.
     """
     if not bucket_ratio > 1:
         raise ValueError(f"bucket_ratio must be > 1, got {bucket_ratio}")
+    if ids.size(0) % src.size(0):
+        raise ValueError(f"{ids.size(0)} outputs for {src.size(0)} sources: expected the same number for each")
+    source = torch.arange(ids.size(0), device=ids.device) // (ids.size(0) // src.size(0))  # |source| = (len(ids),)
+    state = model.encode(src, src_lengths) if encodes_once(model) else None
     logits = returns_logits(model)
-    scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (n, length): the tokens up to and including EOS
-    lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (n,)
+    scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (len(ids), length): the tokens up to and including EOS
+    lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (len(ids),)
     buckets = (lengths.float().log() / math.log(bucket_ratio)).floor().long()
     tgt_in = torch.cat([torch.full_like(ids[:, :1], BOS), ids[:, :-1]], dim=1)
     rows, log_p = [], []
     for bucket in buckets.unique().tolist():
         index = (buckets == bucket).nonzero().squeeze(1)
-        t, s = int(lengths[index].max()), int(src_lengths[index].max())
-        args, chosen = (src[index, :s], src_lengths[index], tgt_in[index, :t]), ids[index, :t]
-        if logits:
-            token_log_probs = selected_log_probs(model(*args, normalize=False), chosen)  # (len(index), t)
+        t, of = int(lengths[index].max()), source[index]
+        chosen = ids[index, :t]
+        if state is not None:
+            token_log_probs = selected_log_probs(model.decode(tgt_in[index, :t], select_state(state, of)), chosen)
         else:
-            token_log_probs = model(*args).gather(2, chosen[:, :, None]).squeeze(2)
+            s = int(src_lengths[of].max())
+            args = (src[of, :s], src_lengths[of], tgt_in[index, :t])
+            if logits:
+                token_log_probs = selected_log_probs(model(*args, normalize=False), chosen)  # (len(index), t)
+            else:
+                token_log_probs = model(*args).gather(2, chosen[:, :, None]).squeeze(2)
         log_p.append(token_log_probs.masked_fill(~scored[index, :t], 0.0).sum(dim=1))
         rows.append(index)
     return torch.cat(log_p)[torch.cat(rows).argsort()]
@@ -153,10 +179,11 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
 
     Per batch: K + 1 samples of every source from ONE batched ``model.search``
     without a graph; rewards of all samples at once; log P of the samples that
-    get a gradient from teacher-forced ``forward``s, one per group of similar
-    lengths (``sequence_log_probs``). Only the loss and the
-    validation score differ from the MLE engine: accumulation, clipping, AMP,
-    the non-finite guard, handlers and checkpoints are the same.
+    get a gradient by teacher forcing, one pass per group of similar lengths,
+    with the encoder run once per source where the model allows it
+    (``sequence_log_probs``). Only the loss and the validation score differ from
+    the MLE engine: accumulation, clipping, AMP, the non-finite guard, handlers
+    and checkpoints are the same.
 
     In a distributed run every rank samples and scores its own sources (the
     baseline needs no communication); ``search`` runs on the module itself and
@@ -243,9 +270,7 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             actors, baselines = baseline_and_actors(rewards, c.get("rl_baseline", "mean"), greedy_rewards)
         n_actors = int(actors.sum())
         rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
-        log_p = sequence_log_probs(self.model, src.repeat_interleave(n_actors, 0),
-                                   src_lengths.repeat_interleave(n_actors, 0), samples[rows],
-                                   bucket_ratio=self._bucket_ratio)
+        log_p = sequence_log_probs(self.model, src, src_lengths, samples[rows], bucket_ratio=self._bucket_ratio)
         log_p = log_p.view(batch_size, n_actors)
         advantage = (rewards - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
         if c.get("rl_objective", "reinforce") == "mrt":

@@ -138,7 +138,7 @@ def test_transformer_cache_grows_and_cross_kv_is_reused():
                     assert torch.equal(k, k1) and torch.equal(v, v1)
                     assert k.shape == (2, n_splits, src.size(1), head)
             # the cache holds the keys/values teacher forcing computes for the whole prefix
-            _, full_cache = model._decode(model._embed(model.tgt_emb, tgt), model.encode(src, src_lengths),
+            _, full_cache = model._run_decoder(model._embed(model.tgt_emb, tgt), model.encode(src, src_lengths),
                                           causal=True)
             for (k, v), (fk, fv) in zip(state["self_kv"], full_cache):
                 close(k, fk)

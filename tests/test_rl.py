@@ -15,6 +15,7 @@ from simple_nmt.rl_trainer import (
     MinimumRiskTrainingEngine,
     after_eos,
     baseline_and_actors,
+    encodes_once,
     returns_logits,
     selected_log_probs,
     sequence_log_probs,
@@ -148,39 +149,66 @@ def test_tokens_after_eos_change_nothing():
     torch.testing.assert_close(sequence_log_probs(model, src, lengths, ids)[0], expected)
 
 
+class ForwardOnly(torch.nn.Module):
+    """A research model with a forward of its own: scored with each output's source repeated."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.shapes = inner, []
+
+    def forward(self, src, src_lengths, tgt_in, normalize=True):
+        self.shapes.append((src.size(0), src.size(1), tgt_in.size(1)))
+        return self.inner(src, src_lengths, tgt_in, normalize)
+
+
 @pytest.mark.parametrize("cls", [Seq2Seq, Transformer])
-def test_log_probs_by_length_groups_equal_one_full_forward(cls):
+@pytest.mark.parametrize("path", ["encode once", "forward"])
+def test_log_probs_by_length_groups_equal_one_full_forward(cls, path):
     model = make_tiny_model(cls, 11, 9)
     g = torch.Generator().manual_seed(0)
-    src = torch.randint(4, 11, (6, 5), generator=g)
-    src_lengths = torch.tensor([5, 3, 4, 5, 2, 1])
-    src[1, 3:], src[2, 4:], src[4, 2:], src[5, 1:] = PAD, PAD, PAD, PAD
-    ids = torch.randint(4, 9, (6, 20), generator=g)  # row 0 never ends: it is as long as the batch
+    src = torch.randint(4, 11, (3, 5), generator=g)
+    src_lengths = torch.tensor([5, 3, 2])
+    src[1, 3:], src[2, 2:] = PAD, PAD
+    ids = torch.randint(4, 9, (6, 20), generator=g)  # two outputs per source; row 0 never ends
     for row, end in [(1, 6), (2, 2), (3, 5), (4, 0), (5, 12)]:
         ids[row, end], ids[row, end + 1:] = EOS, PAD
-    shapes = []
-    forward = model.forward
-
-    def recording_forward(src, src_lengths, tgt_in, normalize=True):
-        shapes.append((src.size(0), src.size(1), tgt_in.size(1)))
-        return forward(src, src_lengths, tgt_in, normalize)
-
-    model.forward = recording_forward
-    log_p = sequence_log_probs(model, src, src_lengths, ids)
-    # (rows, source width, output width) per group: lengths 7 and 6 (rows 1 and 3) share one
-    assert shapes == [(1, 2, 1), (1, 4, 3), (2, 5, 7), (1, 1, 13), (1, 5, 20)]
-    model.forward = forward
+    calls = []
+    encode, decode = model.encode, model.decode
+    model.encode = lambda src, src_lengths: calls.append(("encode", *src.shape)) or encode(src, src_lengths)
+    model.decode = lambda tgt_in, state: calls.append(("decode", *tgt_in.shape)) or decode(tgt_in, state)
+    scorer = model if path == "encode once" else ForwardOnly(model)
+    log_p = sequence_log_probs(scorer, src, src_lengths, ids)
+    # one group per length class, lengths 7 and 6 (rows 1 and 3) together
+    if path == "encode once":  # the encoder runs once over the 3 sources
+        assert encodes_once(model) and calls == [("encode", 3, 5), ("decode", 1, 1), ("decode", 1, 3),
+                                                 ("decode", 2, 7), ("decode", 1, 13), ("decode", 1, 20)]
+    else:  # (rows, source width, output width): each output's source, as wide as the group's longest
+        assert not encodes_once(scorer) and scorer.shapes == [(1, 2, 1), (1, 3, 3), (2, 5, 7), (1, 2, 13), (1, 5, 20)]
+    model.encode, model.decode = encode, decode
     log_p.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    # the reference: one forward over the whole padded batch
+    # the reference: one forward over the whole padded batch, each source repeated for its outputs
     tgt_in = torch.cat([torch.full((6, 1), BOS), ids[:, :-1]], dim=1)
-    token_log_probs = model(src, src_lengths, tgt_in).gather(2, ids[:, :, None]).squeeze(2)
+    repeated = src.repeat_interleave(2, dim=0), src_lengths.repeat_interleave(2, dim=0)
+    token_log_probs = model(*repeated, tgt_in).gather(2, ids[:, :, None]).squeeze(2)
     expected = token_log_probs.masked_fill(after_eos(ids) | (ids == PAD), 0.0).sum(dim=1)
     expected.sum().backward()
     torch.testing.assert_close(log_p, expected)
     for p, grad in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, grad)
+    with pytest.raises(ValueError, match="5 outputs for 3 sources"):
+        sequence_log_probs(scorer, src, src_lengths, ids[:5])
+
+
+def test_the_engine_encodes_each_source_once_for_search_and_once_for_rescoring():
+    model = make_tiny_model(Transformer, 11, 9).train()
+    sizes = []
+    encode = model.encode
+    model.encode = lambda src, src_lengths: sizes.append(src.size(0)) or encode(src, src_lengths)
+    engine = engine_for(model, MinimumRiskTrainingEngine, rl_baseline="loo")  # K + 1 = 4 actors per source
+    engine.run([make_batch(2)], max_epochs=1)
+    assert sizes == [2, 2]
 
 
 def test_selected_log_probs_equal_log_softmax_and_gather():

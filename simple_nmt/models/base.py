@@ -11,8 +11,10 @@ from simple_nmt import search as decoding
 
 
 class EncoderDecoder(nn.Module):
-    """Base class of the models: subclasses define ``encode``, ``decode_step`` and ``forward``.
+    """Base class of the models: subclasses define ``encode``, ``decode_step`` and ``decode``.
 
+    ``forward`` (teacher forcing) is ``decode`` on ``encode``'s state, so that the RL
+    engine can encode a source once and decode its K + 1 samples from that state.
     ``search`` and ``batch_beam_search`` are written once, in ``simple_nmt.search``,
     over the step interface; a research model gets them by subclassing this.
     """
@@ -24,6 +26,22 @@ class EncoderDecoder(nn.Module):
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """One step: |y_prev| = (batch_size,) -> log-probs (batch_size, vocab_size), new state."""
         raise NotImplementedError
+
+    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Teacher forcing from ``encode``'s state.
+
+        |tgt_in| = (batch_size, length) -> logits (batch_size, length, vocab_size).
+        """
+        raise NotImplementedError
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
+                normalize: bool = True) -> torch.Tensor:
+        """Teacher forcing: |tgt_in| = (batch_size, length) -> log-probs (batch_size, length, vocab_size).
+
+        ``normalize=False`` returns the logits instead.
+        """
+        logits = self.decode(tgt_in, self.encode(src, src_lengths))
+        return logits.log_softmax(dim=-1) if normalize else logits
 
     def search(
         self,

@@ -87,16 +87,9 @@ class Seq2Seq(EncoderDecoder):
         h_tilde, state = self._step(y_prev, state)
         return self.generator(h_tilde).float().log_softmax(dim=-1), state
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
-                normalize: bool = True) -> torch.Tensor:
-        """Teacher forcing: |tgt_in| = (batch_size, length) -> log-probs (batch_size, length, vocab_size).
-
-        ``normalize=False`` returns the logits instead.
-        """
-        state = self.encode(src, src_lengths)
+    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         outputs = []
         for t in range(tgt_in.size(1)):
             h_tilde, state = self._step(tgt_in[:, t], state)
             outputs.append(h_tilde)
-        logits = self.generator(torch.stack(outputs, dim=1)).float()  # |logits| = (batch_size, length, vocab_size)
-        return logits.log_softmax(dim=-1) if normalize else logits
+        return self.generator(torch.stack(outputs, dim=1)).float()  # |logits| = (batch_size, length, vocab_size)

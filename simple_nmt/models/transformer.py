@@ -154,7 +154,7 @@ class Transformer(EncoderDecoder):
             "step": 0,
         }
 
-    def _decode(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, list]:
+    def _run_decoder(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, list]:
         """Run the decoder blocks over |x| = (batch_size, length, hidden_size)."""
         self_mask = None
         if causal:
@@ -170,17 +170,10 @@ class Transformer(EncoderDecoder):
 
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = self._embed(self.tgt_emb, y_prev[:, None], start=state["step"])  # (batch_size, 1, hidden_size)
-        h, cache = self._decode(x, state, causal=False)
+        h, cache = self._run_decoder(x, state, causal=False)
         log_probs = self.generator(h.squeeze(1)).float().log_softmax(dim=-1)
         return log_probs, dict(state, self_kv=cache, step=state["step"] + 1)
 
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
-                normalize: bool = True) -> torch.Tensor:
-        """Teacher forcing: |tgt_in| = (batch_size, length) -> log-probs (batch_size, length, vocab_size).
-
-        ``normalize=False`` returns the logits instead.
-        """
-        state = self.encode(src, src_lengths)
-        h, _ = self._decode(self._embed(self.tgt_emb, tgt_in), state, causal=True)
-        logits = self.generator(h).float()  # |logits| = (batch_size, length, vocab_size)
-        return logits.log_softmax(dim=-1) if normalize else logits
+    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        h, _ = self._run_decoder(self._embed(self.tgt_emb, tgt_in), state, causal=True)
+        return self.generator(h).float()  # |logits| = (batch_size, length, vocab_size)
