@@ -77,13 +77,16 @@ def returns_logits(model: torch.nn.Module) -> bool:
 
 
 def encodes_once(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s teacher forcing is ``EncoderDecoder.forward`` (``decode`` on ``encode``'s state).
+    """Whether calling ``model`` is ``decode`` on ``encode``'s state, so that a source can be encoded once.
 
-    Such a model (both built-in ones) can encode a source once and decode all its
-    samples from that state. A model in DistributedDataParallel is not: its
-    wrapper's forward must run for the gradients to be averaged.
+    True for an ``EncoderDecoder`` whose forward is the base class's (both built-in
+    models). False for a model with a forward of its own or forward hooks, and for
+    one compiled or in DistributedDataParallel: their call must run (the hooks, the
+    compiled code, the averaging of the gradients over the ranks).
     """
-    return type(model).forward is EncoderDecoder.forward
+    return (type(model).forward is EncoderDecoder.forward and "forward" not in vars(model)
+            and not model._forward_hooks and not model._forward_pre_hooks
+            and getattr(model, "_compiled_call_impl", None) is None)
 
 
 def sequence_log_probs(

@@ -201,6 +201,28 @@ def test_log_probs_by_length_groups_equal_one_full_forward(cls, path):
         sequence_log_probs(scorer, src, src_lengths, ids[:5])
 
 
+def test_hooked_patched_or_compiled_models_are_called_as_they_are():
+    model = make_tiny_model(Transformer, 11, 9)
+    g = torch.Generator().manual_seed(2)
+    src, src_lengths = torch.randint(4, 11, (2, 4), generator=g), torch.full((2,), 4)
+    ids = torch.randint(4, 9, (4, 5), generator=g)  # no EOS: every token is scored
+    tgt_in = torch.cat([torch.full((4, 1), BOS), ids[:, :-1]], dim=1)
+    plain = sequence_log_probs(model, src, src_lengths, ids).detach()
+    handle = model.register_forward_hook(lambda module, args, out: out * 0.5)  # e.g. a logit scaling
+    assert not encodes_once(model)
+    hooked = model(src.repeat_interleave(2, 0), src_lengths.repeat_interleave(2, 0), tgt_in, normalize=False)
+    expected = selected_log_probs(hooked, ids).sum(dim=1)
+    torch.testing.assert_close(sequence_log_probs(model, src, src_lengths, ids), expected)
+    assert not torch.allclose(expected, plain)
+    handle.remove()
+    assert encodes_once(model)
+    model.forward = model.forward
+    assert not encodes_once(model)
+    del model.forward
+    model.compile()
+    assert not encodes_once(model)
+
+
 def test_the_engine_encodes_each_source_once_for_search_and_once_for_rescoring():
     model = make_tiny_model(Transformer, 11, 9).train()
     sizes = []
