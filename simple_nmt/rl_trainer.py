@@ -124,7 +124,7 @@ def sequence_log_probs(
         raise ValueError(f"{ids.size(0)} outputs for {src.size(0)} sources: expected the same number for each")
     source = torch.arange(ids.size(0), device=ids.device) // (ids.size(0) // src.size(0))  # |source| = (len(ids),)
     state = model.encode(src, src_lengths) if encodes_once(model) else None
-    logits = returns_logits(model)
+    logits = state is None and returns_logits(model)  # the fallback's forward gives logits
     scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (len(ids), length): the tokens up to and including EOS
     lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (len(ids),)
     buckets = (lengths.float().log() / math.log(bucket_ratio)).floor().long()

@@ -31,7 +31,8 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
     data, work = multi30k_like(tmp_path / "data"), tmp_path / "work"
     for lang in ("en", "de"):  # the raw protocol's training data is missing: its runs fail, the others go on
         (data / f"train.{lang}").unlink()
-    proc = recipe(str(data), "--profile", "smoke", "--workdir", str(work), "--jobs", "2")
+    proc = recipe(str(data), "--profile", "smoke", "--workdir", str(work), "--jobs", "2",
+                  "--mle_options", "--n_epochs 3")
     assert proc.returncode == 1
     failed = proc.stderr.strip().splitlines()[-1]
     model = failed.split(".")[0]
@@ -43,7 +44,7 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
     for row in results.values():
         for key in ("mle_test_2016_flickr", "rl_test_2016_flickr", "mle_val", "rl_val"):
             assert 0.0 <= row[key] <= 100.0
-        assert len(row["mle_valid_bleu_per_epoch"]) == 2 and len(row["rl_valid_bleu_per_epoch"]) == 1
+        assert len(row["mle_valid_bleu_per_epoch"]) == 3 and len(row["rl_valid_bleu_per_epoch"]) == 1
     # the scores are those of the files it wrote, under the tok protocol
     import sacrebleu
 

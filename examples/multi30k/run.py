@@ -148,7 +148,8 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
         start = time.time()
         curve = run("train.py", "--model_fn", str(out / "mle.pth"),
                     "--train", str(prefix("train")), "--valid", str(prefix("val")), "--lang", "ende",
-                    "--gpu_id", args.gpu_id, "--verbose", "1", *profile["common"], *profile[model], **common)
+                    "--gpu_id", args.gpu_id, "--verbose", "1", *profile["common"], *profile[model],
+                    *shlex.split(args.mle_options), **common)
         row = {"mle_minutes": round((time.time() - start) / 60, 1), "mle_valid_bleu_per_epoch": curve}
     start = time.time()
     rl_train = subset(prefix("train"), profile["rl_sentences"], out / "rl_train")
@@ -179,6 +180,8 @@ def main() -> None:
     p.add_argument("--beam_size", default="5", help="beam size for test and validation translations")
     p.add_argument("--rl_only", action="store_true",
                    help="keep the MLE checkpoints of an earlier run in WORKDIR and redo RL and the scores")
+    p.add_argument("--mle_options", default="",
+                   help='train.py options after the profile\'s MLE settings, e.g. "--n_epochs 20"')
     p.add_argument("--rl_options", default="",
                    help='continue_train.py options after the profile\'s RL settings, e.g. "--rl_lr 1e-4"')
     p.add_argument("--jobs", type=int, default=0,
