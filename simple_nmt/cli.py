@@ -49,7 +49,11 @@ from simple_nmt.trainer import (
 # Options that fix the model's shape or its vocabularies: a checkpoint's values win,
 # and a different value given to continue_train.py is an error.
 ARCHITECTURE_OPTIONS = ("use_transformer", "word_vec_size", "hidden_size", "n_layers", "n_splits",
-                        "spm_vocab_size", "max_vocab", "min_freq", "lang")
+                        "tie_embeddings", "spm_vocab_size", "max_vocab", "min_freq", "lang")
+
+
+class OptionError(ValueError):
+    """Options that do not fit together; the message is one line naming them."""
 
 
 def _typed(kind: type, minimum: float, strict: bool = False) -> Callable[[str], Any]:
@@ -110,6 +114,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n_layers", type=positive_int, default=4, help="encoder and decoder layers")
     g.add_argument("--n_splits", type=positive_int, default=8, help="attention heads (Transformer)")
     g.add_argument("--dropout", type=probability, default=0.2, help="dropout probability")
+    g.add_argument("--tie_embeddings", action="store_true",
+                   help="share the target embeddings with the output projection (Press & Wolf, 2017); "
+                        "Seq2Seq needs --word_vec_size equal to --hidden_size")
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
@@ -371,7 +378,10 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
     seed_everything(config["seed"])
     device = pick_device(config["gpu_id"])
     corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"]) if checkpoint else None, log)
-    model = build_model(config, len(corpus.fields[0].vocab), len(corpus.fields[1].vocab))
+    try:
+        model = build_model(config, len(corpus.fields[0].vocab), len(corpus.fields[1].vocab))
+    except ValueError as e:  # e.g. --tie_embeddings with --word_vec_size != --hidden_size
+        raise OptionError(str(e)) from None
     if checkpoint:
         load_model_weights(model, checkpoint["model"], config["load_fn"])
     model.to(device)
@@ -400,7 +410,7 @@ def reported_errors() -> Iterator[None]:
     """User errors as one line on stderr and exit status 1; Ctrl-C (checkpoint saved) as status 130."""
     try:
         yield
-    except (DataError, CheckpointError, NonFiniteLossError) as e:
+    except (DataError, CheckpointError, OptionError, NonFiniteLossError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
         _fail(str(e), code=130)

@@ -98,6 +98,27 @@ def test_train_runs_mle_then_rl_in_one_go(toy_dir, tmp_path):
     assert (tmp_path / "m.pth").is_file() and (tmp_path / "m.rl.epoch1.pth").is_file()
 
 
+def test_tied_embeddings_stay_tied_through_mle_rl_and_translation(toy_dir, tmp_path):
+    run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--rl_n_epochs", "1",
+                                       "--rl_n_samples", "2", *TINY_TRANSFORMER, "--tie_embeddings"))
+    for name in ("m.pth", "m.rl.pth"):
+        checkpoint = load_checkpoint(tmp_path / name)
+        assert checkpoint["meta"]["config"]["tie_embeddings"]
+        assert torch.equal(checkpoint["model"]["generator.weight"], checkpoint["model"]["tgt_emb.weight"])
+    assert not torch.equal(params(tmp_path / "m.pth")["generator.weight"],
+                           params(tmp_path / "m.rl.pth")["generator.weight"])
+    out = run_script("translate.py", "--model_fn", str(tmp_path / "m.rl.pth"), stdin="a dog sees the cat\n").stdout
+    assert len(out.split("\n")) == 2
+
+
+def test_tied_seq2seq_with_unequal_sizes_is_a_one_line_error(toy_dir, tmp_path):
+    proc = run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth"), *TINY_SEQ2SEQ, "--tie_embeddings",
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert "--tie_embeddings needs --word_vec_size (16) equal to --hidden_size (32)" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_sentencepiece_checkpoint_translates_raw_text(tmp_path):
     data = tmp_path / "raw"
     data.mkdir()
@@ -154,6 +175,9 @@ def test_continue_train_rejects_a_different_architecture(trained):
     proc = run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", "x.pth",
                       "--hidden_size", "64", check=False)
     assert proc.returncode == 1 and "--hidden_size 64 does not match" in proc.stderr
+    proc = run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", "x.pth",
+                      "--tie_embeddings", check=False)
+    assert proc.returncode == 1 and "--tie_embeddings True does not match the checkpoint's False" in proc.stderr
 
 
 def test_translate_into_a_closed_pipe_ends_quietly(trained, toy_dir):

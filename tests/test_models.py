@@ -202,6 +202,40 @@ def test_build_model_rejects_bad_sizes():
                     10, 10)
 
 
+TIED_CONFIGS = {
+    Transformer: {"use_transformer": True, "hidden_size": 32, "n_splits": 4, "n_layers": 2, "dropout": 0.0},
+    Seq2Seq: {"word_vec_size": 32, "hidden_size": 32, "n_layers": 2, "dropout": 0.0},
+}
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_tied_embeddings_are_one_matrix_whose_gradient_is_the_sum_of_both_uses(cls):
+    torch.manual_seed(0)
+    tied = build_model({**TIED_CONFIGS[cls], "tie_embeddings": True}, SRC_V, TGT_V)
+    untied = build_model(TIED_CONFIGS[cls], SRC_V, TGT_V)
+    assert tied.generator.weight is tied.tgt_emb.weight
+    n_params = sum(p.numel() for p in untied.parameters())
+    assert sum(p.numel() for p in tied.parameters()) == n_params - TGT_V * 32
+    # the untied model with both matrices set to the tied one computes the same function
+    state = tied.state_dict()
+    untied.load_state_dict(state)
+    assert untied.generator.weight is not untied.tgt_emb.weight
+    src, src_lengths = pad_batch(random_seqs([5, 2, 7], SRC_V, seed=1))
+    tgts = random_seqs([4, 6, 2], TGT_V, seed=2)
+    tgt_in, _ = pad_batch([[BOS] + t for t in tgts])
+    tgt_out, _ = pad_batch([t + [EOS] for t in tgts])
+    for model in (tied, untied):
+        log_probs = model(src, src_lengths, tgt_in)
+        torch.nn.functional.nll_loss(log_probs.transpose(1, 2), tgt_out, ignore_index=PAD).backward()
+    close(tied.tgt_emb.weight.grad, untied.tgt_emb.weight.grad + untied.generator.weight.grad)
+    assert untied.generator.weight.grad.abs().sum() > 0 and untied.tgt_emb.weight.grad.abs().sum() > 0
+
+
+def test_tied_seq2seq_needs_equal_sizes():
+    with pytest.raises(ValueError, match=r"--tie_embeddings needs --word_vec_size \(16\) equal to --hidden_size"):
+        build_model({**TIED_CONFIGS[Seq2Seq], "word_vec_size": 16, "tie_embeddings": True}, SRC_V, TGT_V)
+
+
 # --------------------------------------------------------------------------- gradients
 
 

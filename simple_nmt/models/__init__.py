@@ -17,15 +17,17 @@ def build_model(config: Mapping[str, Any], src_vocab_size: int, tgt_vocab_size: 
 
     Args:
         config: the run options (``word_vec_size``, ``hidden_size``, ``n_layers``,
-            ``n_splits``, ``dropout``, ``use_transformer``).
+            ``n_splits``, ``dropout``, ``use_transformer``, ``tie_embeddings``).
         src_vocab_size, tgt_vocab_size: vocabulary sizes.
     """
     if config.get("use_transformer", False):
         return Transformer(
             src_vocab_size, tgt_vocab_size, hidden_size=config["hidden_size"],
             n_splits=config["n_splits"], n_layers=config["n_layers"], dropout=config["dropout"],
+            tie_embeddings=config.get("tie_embeddings", False),
         )
     return Seq2Seq(
         src_vocab_size, tgt_vocab_size, word_vec_size=config["word_vec_size"],
         hidden_size=config["hidden_size"], n_layers=config["n_layers"], dropout=config["dropout"],
+        tie_embeddings=config.get("tie_embeddings", False),
     )

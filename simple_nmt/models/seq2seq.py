@@ -21,6 +21,8 @@ class Seq2Seq(EncoderDecoder):
         hidden_size: decoder size (each encoder direction has half of it).
         n_layers: LSTM layers of the encoder and of the decoder.
         dropout: between LSTM layers, on embeddings and on the attentional output.
+        tie_embeddings: the output projection reuses the target embedding matrix
+            (needs ``word_vec_size == hidden_size``).
     """
 
     def __init__(
@@ -31,10 +33,14 @@ class Seq2Seq(EncoderDecoder):
         hidden_size: int = 768,
         n_layers: int = 4,
         dropout: float = 0.2,
+        tie_embeddings: bool = False,
     ):
         super().__init__()
         if hidden_size % 2:
             raise ValueError("--hidden_size must be even for the bidirectional encoder")
+        if tie_embeddings and word_vec_size != hidden_size:
+            raise ValueError(f"--tie_embeddings needs --word_vec_size ({word_vec_size}) equal to "
+                             f"--hidden_size ({hidden_size})")
         self.n_layers, self.hidden_size = n_layers, hidden_size
         lstm_dropout = dropout if n_layers > 1 else 0.0
         self.src_emb = nn.Embedding(src_vocab_size, word_vec_size, padding_idx=PAD)
@@ -46,6 +52,8 @@ class Seq2Seq(EncoderDecoder):
         self.attn = nn.Linear(hidden_size, hidden_size, bias=False)
         self.concat = nn.Linear(2 * hidden_size, hidden_size)
         self.generator = nn.Linear(hidden_size, tgt_vocab_size)
+        if tie_embeddings:
+            self.generator.weight = self.tgt_emb.weight
         self.dropout = nn.Dropout(dropout)
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class Transformer(EncoderDecoder):
         n_splits: attention heads.
         n_layers: encoder blocks and decoder blocks.
         dropout: on embeddings, attention weights and residual branches.
+        tie_embeddings: the output projection reuses the target embedding matrix.
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class Transformer(EncoderDecoder):
         n_splits: int = 8,
         n_layers: int = 6,
         dropout: float = 0.1,
+        tie_embeddings: bool = False,
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -130,6 +132,8 @@ class Transformer(EncoderDecoder):
             # unit variance after the sqrt(hidden_size) scaling, like the position encodings
             nn.init.normal_(emb.weight, std=hidden_size**-0.5)
             nn.init.zeros_(emb.weight[PAD])
+        if tie_embeddings:
+            self.generator.weight = self.tgt_emb.weight
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         # |ids| = (batch_size, length) -> (batch_size, length, hidden_size)
