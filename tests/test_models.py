@@ -30,6 +30,20 @@ def random_seqs(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def teacher_forced_batch(src_lengths: list[int], tgt_lengths: list[int], seed: int) -> tuple[torch.Tensor, ...]:
+    """Random padded sources, their lengths, target inputs (BOS + y) and target outputs (y + EOS)."""
+    src, lengths = pad_batch(random_seqs(src_lengths, SRC_V, seed))
+    tgts = random_seqs(tgt_lengths, TGT_V, seed + 1)
+    return src, lengths, pad_batch([[BOS] + t for t in tgts])[0], pad_batch([t + [EOS] for t in tgts])[0]
+
+
+def mle_loss(model: EncoderDecoder, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher-forced log-probs of ``batch`` and their token-mean negative log-likelihood."""
+    src, src_lengths, tgt_in, tgt_out = batch
+    log_probs = model(src, src_lengths, tgt_in)  # |log_probs| = (batch_size, length, vocab_size)
+    return log_probs, torch.nn.functional.nll_loss(log_probs.transpose(1, 2), tgt_out, ignore_index=PAD)
+
+
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
@@ -217,16 +231,13 @@ def test_tied_embeddings_are_one_matrix_whose_gradient_is_the_sum_of_both_uses(c
     n_params = sum(p.numel() for p in untied.parameters())
     assert sum(p.numel() for p in tied.parameters()) == n_params - TGT_V * 32
     # the untied model with both matrices set to the tied one computes the same function
-    state = tied.state_dict()
-    untied.load_state_dict(state)
+    untied.load_state_dict(tied.state_dict())
     assert untied.generator.weight is not untied.tgt_emb.weight
-    src, src_lengths = pad_batch(random_seqs([5, 2, 7], SRC_V, seed=1))
-    tgts = random_seqs([4, 6, 2], TGT_V, seed=2)
-    tgt_in, _ = pad_batch([[BOS] + t for t in tgts])
-    tgt_out, _ = pad_batch([t + [EOS] for t in tgts])
-    for model in (tied, untied):
-        log_probs = model(src, src_lengths, tgt_in)
-        torch.nn.functional.nll_loss(log_probs.transpose(1, 2), tgt_out, ignore_index=PAD).backward()
+    batch = teacher_forced_batch([5, 2, 7], [4, 6, 2], seed=1)
+    (tied_log_probs, tied_loss), (untied_log_probs, untied_loss) = mle_loss(tied, batch), mle_loss(untied, batch)
+    close(tied_log_probs, untied_log_probs)
+    tied_loss.backward()
+    untied_loss.backward()
     close(tied.tgt_emb.weight.grad, untied.tgt_emb.weight.grad + untied.generator.weight.grad)
     assert untied.generator.weight.grad.abs().sum() > 0 and untied.tgt_emb.weight.grad.abs().sum() > 0
 
@@ -242,14 +253,10 @@ def test_tied_seq2seq_needs_equal_sizes():
 @pytest.mark.parametrize("cls", MODELS)
 def test_gradients_reach_every_parameter(cls):
     model = make_model(cls).train()
-    srcs = random_seqs([5, 2, 7, 3], SRC_V, seed=9)
-    tgts = random_seqs([4, 6, 2, 5], TGT_V, seed=10)
-    src, src_lengths = pad_batch(srcs)
-    tgt_in, _ = pad_batch([[BOS] + t for t in tgts])
-    tgt_out, _ = pad_batch([t + [EOS] for t in tgts])
+    batch = teacher_forced_batch([5, 2, 7, 3], [4, 6, 2, 5], seed=9)
+    src, _, tgt_in, _ = batch
     torch.manual_seed(11)
-    log_probs = model(src, src_lengths, tgt_in)
-    loss = torch.nn.functional.nll_loss(log_probs.transpose(1, 2), tgt_out, ignore_index=PAD)
+    _, loss = mle_loss(model, batch)
     loss.backward()
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
