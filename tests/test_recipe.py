@@ -57,14 +57,18 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
     table = (work / "results.md").read_text()
     assert "| transformer | tok |" in table and "| seq2seq | tok |" in table
 
-    # --rl_only keeps the MLE checkpoint and its curve, and redoes RL
+    # --rl_only keeps the MLE checkpoint and its curve, and redoes RL (on the first 20 pairs, not the profile's 64)
     mle_bytes = (out / "mle.pth").read_bytes()
     proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--models", "transformer",
-                  "--workdir", str(work), "--rl_only", "--rl_options", "--rl_n_samples 3")
+                  "--workdir", str(work), "--rl_only", "--rl_options", "--rl_n_samples 3", "--rl_sentences", "20")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "$ python train.py" not in proc.stdout
     rl_command = next(line for line in proc.stdout.splitlines() if line.startswith("$ python continue_train.py"))
     assert rl_command.endswith("--rl_n_samples 2 --rl_baseline loo --batch_size 32 --rl_n_samples 3")
+    assert f"--train {out / 'rl_train'} " in rl_command
+    for lang in ("en", "de"):
+        train = (data / "tok" / f"train.lc.norm.tok.{lang}").read_text(encoding="utf-8").splitlines()
+        assert (out / f"rl_train.{lang}").read_text(encoding="utf-8").splitlines() == train[:20]
     assert (out / "mle.pth").read_bytes() == mle_bytes
     again = json.loads((work / "results.json").read_text())["transformer.tok"]
     assert again["mle_valid_bleu_per_epoch"] == results["transformer.tok"]["mle_valid_bleu_per_epoch"]

@@ -152,7 +152,8 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
                     *shlex.split(args.mle_options), **common)
         row = {"mle_minutes": round((time.time() - start) / 60, 1), "mle_valid_bleu_per_epoch": curve}
     start = time.time()
-    rl_train = subset(prefix("train"), profile["rl_sentences"], out / "rl_train")
+    n_rl = profile["rl_sentences"] if args.rl_sentences is None else args.rl_sentences
+    rl_train = subset(prefix("train"), n_rl, out / "rl_train")
     row["rl_valid_bleu_per_epoch"] = run(
         "continue_train.py", "--load_fn", str(out / "mle.pth"), "--model_fn", str(out / "rl.pth"),
         "--train", str(rl_train), "--gpu_id", args.gpu_id, "--verbose", "1", *profile["rl"],
@@ -184,6 +185,8 @@ def main() -> None:
                    help='train.py options after the profile\'s MLE settings, e.g. "--n_epochs 20"')
     p.add_argument("--rl_options", default="",
                    help='continue_train.py options after the profile\'s RL settings, e.g. "--rl_lr 1e-4"')
+    p.add_argument("--rl_sentences", type=int, default=None,
+                   help="RL on the first N training pairs (0: all; default: the profile's)")
     p.add_argument("--jobs", type=int, default=0,
                    help="model/protocol runs at a time (0: one per CPU core on CPU, one on a GPU); "
                         "each run gets OMP_NUM_THREADS = cores / jobs unless it is set")
