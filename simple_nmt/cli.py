@@ -197,6 +197,9 @@ def continue_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--load_fn", required=True, help="the checkpoint to start from")
     p.add_argument("--model_fn", required=True, help="DIR/STEM.pth for the new checkpoints")
+    p.add_argument("--reset_optimizer", action="store_true",
+                   help="keep only the checkpoint's weights and vocabularies: a fresh optimizer, schedule and "
+                        "epoch count, e.g. to train --n_epochs more MLE epochs at a new --lr")
     add_data_options(p)
     add_model_options(p)
     add_training_options(p)
@@ -366,13 +369,15 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str)
         raise CheckpointError(f"{path}: the model does not match the checkpoint's weights ({detail})") from None
 
 
-def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_only: bool) -> None:
+def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_only: bool,
+                 reset_optimizer: bool = False) -> None:
     """Build data and model, then train.
 
     An RL checkpoint resumes RL. Otherwise MLE runs (from ``checkpoint`` if given)
     unless ``rl_only``, then RL (if ``--rl_n_epochs`` > 0) from the best MLE weights,
-    writing ``STEM.rl.pth`` when it follows MLE in the same run. Under torchrun every
-    rank runs this.
+    writing ``STEM.rl.pth`` when it follows MLE in the same run. With ``reset_optimizer``
+    the checkpoint gives only the weights: its phase starts again from epoch 1 with a
+    fresh optimizer and schedule. Under torchrun every rank runs this.
     """
     log = make_log(config)
     seed_everything(config["seed"])
@@ -385,12 +390,13 @@ def run_training(config: dict[str, Any], checkpoint: dict[str, Any] | None, rl_o
     if checkpoint:
         load_model_weights(model, checkpoint["model"], config["load_fn"])
     model.to(device)
+    resume = None if reset_optimizer else checkpoint
     if checkpoint and checkpoint["meta"]["config"].get("phase") == "rl":
-        fit(MinimumRiskTrainingEngine, config, model, corpus, device, config["rl_n_epochs"], resume=checkpoint)
+        fit(MinimumRiskTrainingEngine, config, model, corpus, device, config["rl_n_epochs"], resume=resume)
         return
     rl_config = dict(config)
     if not rl_only:
-        fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config["n_epochs"], resume=checkpoint)
+        fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config["n_epochs"], resume=resume)
         rl_config["model_fn"] = sibling(config["model_fn"], "rl")
         # rank 0 wrote the best weights and reads them back; the other ranks get them when RL wraps the model
         if config["rl_n_epochs"] > 0 and is_main_process() and Path(config["model_fn"]).is_file():
@@ -429,6 +435,7 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
     parser = continue_parser()
     parser.parse_args(argv)  # reports bad values before any work
     given = given_options(parser, argv)
+    reset_optimizer = given.pop("reset_optimizer", False)  # not kept in the new checkpoints' config
     with reported_errors():
         checkpoint = load_checkpoint(given["load_fn"])
         config = dict(checkpoint["meta"]["config"])
@@ -439,7 +446,7 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
         config.update(given)
         rl_only = "rl_n_epochs" in given and config.get("phase", "mle") == "mle"
         with process_group(use_gpu=config["gpu_id"] >= 0):
-            run_training(config, checkpoint, rl_only=rl_only)
+            run_training(config, checkpoint, rl_only=rl_only, reset_optimizer=reset_optimizer)
 
 
 # Translation

@@ -79,6 +79,22 @@ def test_two_epochs_equal_one_plus_one_resumed(toy_dir, tmp_path):
     assert epochs_done(load_checkpoint(tmp_path / "resumed.epoch2.pth")) == 2
 
 
+def test_reset_optimizer_keeps_only_the_weights(trained, tmp_path):
+    # without it the checkpoint's epoch count and optimizer resume: 1 epoch is already done
+    proc = run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", str(tmp_path / "r.pth"),
+                      "--n_epochs", "1", "--verbose", "1")
+    assert "nothing to train" in proc.stdout and not (tmp_path / "r.epoch1.pth").exists()
+    run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", str(tmp_path / "r.pth"),
+               "--reset_optimizer", "--n_epochs", "1", "--lr", "1e-9", "--verbose", "0")
+    checkpoint = load_checkpoint(tmp_path / "r.epoch1.pth")
+    assert epochs_done(checkpoint) == 1
+    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == [1e-9]
+    assert load_checkpoint(trained)["optimizer"]["param_groups"][0]["lr"] != 1e-9
+    # it started from the checkpoint's weights (a step of 1e-9 moves them by about that much)
+    assert all(torch.allclose(v, params(trained)[k], atol=1e-6) for k, v in checkpoint["model"].items())
+    assert "reset_optimizer" not in checkpoint["meta"]["config"]
+
+
 def test_continue_train_fine_tunes_with_rl(trained, toy_dir, tmp_path):
     rl_fn = tmp_path / "rl.pth"
     run_script("continue_train.py", "--load_fn", str(trained), "--model_fn", str(rl_fn), "--rl_n_epochs", "1",
