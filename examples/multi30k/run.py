@@ -191,6 +191,8 @@ def main() -> None:
                    help="model/protocol runs at a time (0: one per CPU core on CPU, one on a GPU); "
                         "each run gets OMP_NUM_THREADS = cores / jobs unless it is set")
     args = p.parse_args()
+    if args.rl_sentences is not None and args.rl_sentences < 0:
+        p.error(f"--rl_sentences must be 0 (all) or more, got {args.rl_sentences}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_json = args.workdir / "results.json"
     results = json.loads(results_json.read_text()) if results_json.exists() else {}
