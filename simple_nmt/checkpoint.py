@@ -91,3 +91,38 @@ class AtomicSaver(BaseSaveHandler):
 
     def remove(self, filename: str) -> None:
         self._pending.append(filename)
+
+
+def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
+    """Average the model weights of checkpoints of one run (e.g. its last epochs).
+
+    Returns a checkpoint that holds only the mean weights and the first file's meta, plus
+    ``meta["averaged_from"]`` (the file names): it translates, and starts a new phase
+    (``continue_train.py --reset_optimizer`` or ``--rl_n_epochs``), but resumes nothing.
+    Floating-point tensors are summed in float64; other tensors must be equal in every file.
+
+    Raises:
+        CheckpointError: no files, a file that does not load, or one whose weights, vocabularies
+            or tokenizers differ in shape or content from the first file's.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    sums = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    for path in paths[1:]:
+        other = load_checkpoint(path)
+        for key in ("src_vocab", "tgt_vocab", "src_spm", "tgt_spm"):
+            if other["meta"][key] != first["meta"][key]:
+                raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; average checkpoints of one run")
+        weights = other["model"]
+        if weights.keys() != sums.keys() or any(weights[k].shape != v.shape for k, v in sums.items()):
+            raise CheckpointError(f"{path}: its weights differ in names or shapes from {paths[0]}'s")
+        for key, value in weights.items():
+            if value.is_floating_point():
+                sums[key] += value.double()
+            elif not torch.equal(value, sums[key]):
+                raise CheckpointError(f"{path}: its non-float tensor {key} differs from {paths[0]}'s")
+    model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v
+             for k, v in sums.items()}
+    meta = dict(first["meta"], averaged_from=[str(p) for p in paths])
+    return {"model": model, "meta": meta}

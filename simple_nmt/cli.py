@@ -1,4 +1,5 @@
-"""Command-line options and the run functions behind train.py, continue_train.py and translate.py."""
+"""Command-line options and the run functions behind the scripts: train.py, continue_train.py,
+translate.py and average_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import ignite.distributed as idist
 import torch
 from torch.utils.data import DataLoader
 
-from simple_nmt.checkpoint import CheckpointError, load_checkpoint
+from simple_nmt.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
 from simple_nmt.data import (
     BucketBatchSampler,
     DataError,
@@ -445,6 +446,9 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
                                       f"checkpoint's {config.get(key)}; architecture options cannot change")
         config.update(given)
         rl_only = "rl_n_epochs" in given and config.get("phase", "mle") == "mle"
+        if "optimizer" not in checkpoint and not (reset_optimizer or rl_only):
+            raise CheckpointError(f"{given['load_fn']}: holds weights only (averaged), nothing to resume; "
+                                  "give --reset_optimizer to train them further")
         with process_group(use_gpu=config["gpu_id"] >= 0):
             run_training(config, checkpoint, rl_only=rl_only, reset_optimizer=reset_optimizer)
 
@@ -533,3 +537,24 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:
         # the reader has gone (e.g. `| head -1`): end quietly, without a second error at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# Checkpoint averaging
+
+
+def average_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Average the weights of checkpoints of one run, e.g. its last epochs.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="checkpoints to average, e.g. runs/model.epoch{21..30}.pth")
+    p.add_argument("--output", required=True, help="the averaged checkpoint to write")
+    return p
+
+
+def main_average(argv: Sequence[str] | None = None) -> None:
+    """Entry point of average_checkpoints.py."""
+    config = vars(average_parser().parse_args(argv))
+    with reported_errors():
+        if any(Path(p).resolve() == Path(config["output"]).resolve() for p in config["inputs"]):
+            raise OptionError(f"--output {config['output']} is one of the inputs; write the average elsewhere")
+        save_checkpoint(average_checkpoints(config["inputs"]), config["output"])
+    print(f"{config['output']}: the average of {len(config['inputs'])} checkpoints")

@@ -7,7 +7,13 @@ import pathlib
 import pytest
 import torch
 
-from simple_nmt.checkpoint import AtomicSaver, CheckpointError, load_checkpoint, save_checkpoint
+from simple_nmt.checkpoint import (
+    AtomicSaver,
+    CheckpointError,
+    average_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def plain_checkpoint() -> dict:
@@ -91,3 +97,50 @@ def test_atomic_saver_removes_superseded_files_only_after_writing(tmp_path):
     saver.remove("b.pth")  # replaced by a file of the same name: never removed
     saver(plain_checkpoint(), "b.pth")
     assert (tmp_path / "b.pth").exists()
+
+
+def epoch_checkpoints(tmp_path, n: int) -> list[pathlib.Path]:
+    """``n`` checkpoints of one run: different float weights, the same integer buffer and meta."""
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        checkpoint = plain_checkpoint()
+        checkpoint["model"] = {"w": torch.randn(2, 3), "h": torch.randn(4).half(), "steps": torch.tensor([7, 1])}
+        checkpoint["optimizer"] = {"state": {}, "param_groups": []}
+        paths.append(tmp_path / f"m.epoch{i + 1}.pth")
+        save_checkpoint(checkpoint, paths[-1])
+    return paths
+
+
+def test_average_is_the_mean_of_the_weights_in_their_own_dtype(tmp_path):
+    paths = epoch_checkpoints(tmp_path, 3)
+    average = average_checkpoints(paths)
+    weights = [load_checkpoint(p)["model"] for p in paths]
+    for key in ("w", "h"):
+        expected = torch.stack([w[key].float() for w in weights]).mean(0)
+        assert average["model"][key].dtype == weights[0][key].dtype
+        assert torch.allclose(average["model"][key].float(), expected, atol=1e-3 if key == "h" else 1e-6)
+    assert torch.equal(average["model"]["steps"], torch.tensor([7, 1]))
+    assert average["meta"]["averaged_from"] == [str(p) for p in paths]
+    assert average["meta"]["src_vocab"] == plain_checkpoint()["meta"]["src_vocab"]
+    assert "optimizer" not in average and "trainer" not in average  # nothing to resume
+    save_checkpoint(average, tmp_path / "avg.pth")
+    assert torch.equal(load_checkpoint(tmp_path / "avg.pth")["model"]["w"], average["model"]["w"])
+    assert torch.equal(average_checkpoints(paths[:1])["model"]["w"], weights[0]["w"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["meta"].update(tgt_vocab=["<pad>", "b"]), "its tgt_vocab differs from"),
+    (lambda c: c["model"].update(w=torch.zeros(3, 2)), "its weights differ in names or shapes"),
+    (lambda c: c["model"].pop("h"), "its weights differ in names or shapes"),
+    (lambda c: c["model"].update(steps=torch.tensor([7, 2])), "its non-float tensor steps differs"),
+])
+def test_average_refuses_checkpoints_of_another_run(tmp_path, change, message):
+    paths = epoch_checkpoints(tmp_path, 2)
+    other = load_checkpoint(paths[1])
+    change(other)
+    save_checkpoint(other, paths[1])
+    with pytest.raises(CheckpointError, match=rf"m\.epoch2\.pth: {message} .*m\.epoch1\.pth's"):
+        average_checkpoints(paths)
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        average_checkpoints([])

@@ -108,6 +108,28 @@ def test_continue_train_fine_tunes_with_rl(trained, toy_dir, tmp_path):
     assert len(out.split("\n")) == 2
 
 
+def test_averaged_checkpoint_translates_and_starts_new_phases_but_resumes_nothing(toy_dir, tmp_path):
+    run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "2", *TINY_TRANSFORMER))
+    epochs = [str(tmp_path / f"m.epoch{i}.pth") for i in (1, 2)]
+    avg = tmp_path / "avg.pth"
+    run_script("average_checkpoints.py", *epochs, "--output", str(avg))
+    first, second, average = params(epochs[0]), params(epochs[1]), params(avg)
+    assert not torch.equal(first["src_emb.weight"], second["src_emb.weight"])
+    assert all(torch.allclose(v, (first[k] + second[k]) / 2, atol=1e-6) for k, v in average.items())
+    out = run_script("translate.py", "--model_fn", str(avg), stdin="a dog sees the cat\n").stdout
+    assert len(out.split("\n")) == 2
+    run_script("continue_train.py", "--load_fn", str(avg), "--model_fn", str(tmp_path / "rl.pth"),
+               "--rl_n_epochs", "1", "--rl_n_samples", "2", "--verbose", "0")
+    assert load_checkpoint(tmp_path / "rl.pth")["meta"]["config"]["phase"] == "rl"
+    proc = run_script("continue_train.py", "--load_fn", str(avg), "--model_fn", str(tmp_path / "more.pth"),
+                      "--n_epochs", "3", "--verbose", "0", check=False)
+    assert proc.returncode == 1 and not (tmp_path / "more.pth").exists()
+    assert proc.stderr.strip() == (f"error: {avg}: holds weights only (averaged), nothing to resume; "
+                                   "give --reset_optimizer to train them further")
+    proc = run_script("average_checkpoints.py", *epochs, "--output", epochs[1], check=False)
+    assert proc.returncode == 1 and "--output" in proc.stderr and "optimizer" in load_checkpoint(epochs[1])
+
+
 def test_train_runs_mle_then_rl_in_one_go(toy_dir, tmp_path):
     proc = run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--rl_n_epochs", "1",
                                               "--rl_n_samples", "2", *TINY_SEQ2SEQ, "--verbose", "1"))
