@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conftest import run_script
 
+from simple_nmt.checkpoint import load_checkpoint
 from simple_nmt.toy import make_corpus
 
 
@@ -57,15 +58,21 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
     table = (work / "results.md").read_text()
     assert "| transformer | tok |" in table and "| seq2seq | tok |" in table
 
-    # --rl_only keeps the MLE checkpoint and its curve, and redoes RL (on the first 20 pairs, not the profile's 64)
+    # --rl_only keeps the MLE checkpoint and its curve, and redoes RL (on the first 20 pairs, not the profile's 64);
+    # with --average 2 from the mean of the last two epochs' weights, which the MLE columns then score
     mle_bytes = (out / "mle.pth").read_bytes()
     proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--models", "transformer",
-                  "--workdir", str(work), "--rl_only", "--rl_options", "--rl_n_samples 3", "--rl_sentences", "20")
+                  "--workdir", str(work), "--rl_only", "--rl_options", "--rl_n_samples 3", "--rl_sentences", "20",
+                  "--average", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "$ python train.py" not in proc.stdout
     rl_command = next(line for line in proc.stdout.splitlines() if line.startswith("$ python continue_train.py"))
     assert rl_command.endswith("--rl_n_samples 2 --rl_baseline loo --batch_size 32 --rl_n_samples 3")
-    assert f"--train {out / 'rl_train'} " in rl_command
+    assert f"--train {out / 'rl_train'} " in rl_command and f"--load_fn {out / 'mle.avg.pth'} " in rl_command
+    assert load_checkpoint(out / "mle.avg.pth")["meta"]["averaged_from"] == [
+        str(out / "mle.epoch2.pth"), str(out / "mle.epoch3.pth")]
+    assert f"--model_fn {out / 'mle.avg.pth'} --input" in proc.stdout
+    assert "transformer.tok: the MLE checkpoint is the average of mle.epoch2.pth mle.epoch3.pth" in proc.stdout
     for lang in ("en", "de"):
         train = (data / "tok" / f"train.lc.norm.tok.{lang}").read_text(encoding="utf-8").splitlines()
         assert (out / f"rl_train.{lang}").read_text(encoding="utf-8").splitlines() == train[:20]

@@ -151,18 +151,26 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
                     "--gpu_id", args.gpu_id, "--verbose", "1", *profile["common"], *profile[model],
                     *shlex.split(args.mle_options), **common)
         row = {"mle_minutes": round((time.time() - start) / 60, 1), "mle_valid_bleu_per_epoch": curve}
+    checkpoints = {"mle": out / "mle.pth", "rl": out / "rl.pth"}
+    row.pop("mle_checkpoint", None)
+    if args.average > 0:  # the last epochs' mean weights stand for MLE, and RL starts from them
+        epochs = sorted(out.glob("mle.epoch*.pth"), key=lambda p: int(p.stem.removeprefix("mle.epoch")))
+        checkpoints["mle"] = out / "mle.avg.pth"
+        run("average_checkpoints.py", *map(str, epochs[-args.average:]), "--output", str(checkpoints["mle"]),
+            **common)
+        row["mle_checkpoint"] = f"the average of {' '.join(p.name for p in epochs[-args.average:])}"
     start = time.time()
     n_rl = profile["rl_sentences"] if args.rl_sentences is None else args.rl_sentences
     rl_train = subset(prefix("train"), n_rl, out / "rl_train")
     row["rl_valid_bleu_per_epoch"] = run(
-        "continue_train.py", "--load_fn", str(out / "mle.pth"), "--model_fn", str(out / "rl.pth"),
+        "continue_train.py", "--load_fn", str(checkpoints["mle"]), "--model_fn", str(checkpoints["rl"]),
         "--train", str(rl_train), "--gpu_id", args.gpu_id, "--verbose", "1", *profile["rl"],
         *profile.get(f"rl_{model}", []), *shlex.split(args.rl_options), **common)
     row["rl_minutes"] = round((time.time() - start) / 60, 1)
     for phase in ("mle", "rl"):
         for split in ("test_2016_flickr", "val"):
             hyp = out / f"{split}.{phase}.de"
-            run("translate.py", "--model_fn", str(out / f"{phase}.pth"),
+            run("translate.py", "--model_fn", str(checkpoints[phase]),
                 "--input", f"{prefix(split)}.en", "--output", str(hyp),
                 "--beam_size", args.beam_size, "--gpu_id", args.gpu_id, **common)
             row[f"{phase}_{split}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
@@ -187,12 +195,17 @@ def main() -> None:
                    help='continue_train.py options after the profile\'s RL settings, e.g. "--rl_lr 1e-4"')
     p.add_argument("--rl_sentences", type=int, default=None,
                    help="RL on the first N training pairs (0: all; default: the profile's)")
+    p.add_argument("--average", type=int, default=0,
+                   help="if N > 0, the MLE checkpoint scored and fine-tuned is the average of the last N epochs' "
+                        "weights (mle.avg.pth) instead of the one with the lowest validation loss (mle.pth)")
     p.add_argument("--jobs", type=int, default=0,
                    help="model/protocol runs at a time (0: one per CPU core on CPU, one on a GPU); "
                         "each run gets OMP_NUM_THREADS = cores / jobs unless it is set")
     args = p.parse_args()
     if args.rl_sentences is not None and args.rl_sentences < 0:
         p.error(f"--rl_sentences must be 0 (all) or more, got {args.rl_sentences}")
+    if args.average < 0:
+        p.error(f"--average must be 0 (none) or more, got {args.average}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_json = args.workdir / "results.json"
     results = json.loads(results_json.read_text()) if results_json.exists() else {}
@@ -236,6 +249,9 @@ def main() -> None:
     for key, r in sorted(results.items()):
         curves = [" ".join(f"{b:.1f}" for b in r.get(f"{phase}_valid_bleu_per_epoch", [])) for phase in ("mle", "rl")]
         lines.append(f"- {key}: MLE {curves[0] or '(not logged)'}; RL {curves[1]}")
+    for key, r in sorted(results.items()):
+        if "mle_checkpoint" in r:
+            lines.append(f"- {key}: the MLE checkpoint is {r['mle_checkpoint']}")
     lines.append(f"\nThis run: {minutes} min, {jobs} run(s) at a time with {threads} thread(s) each "
                  f"on {cores} CPU core(s), profile {args.profile}.")
     (args.workdir / "results.md").write_text("\n".join(lines) + "\n")
