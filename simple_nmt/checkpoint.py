@@ -111,7 +111,7 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:
         other = load_checkpoint(path)
-        for key in ("src_vocab", "tgt_vocab", "src_spm", "tgt_spm"):
+        for key in sorted(META_KEYS - {"config"}):  # the vocabularies and tokenizers
             if other["meta"][key] != first["meta"][key]:
                 raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; average checkpoints of one run")
         weights = other["model"]

@@ -155,10 +155,10 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     row.pop("mle_checkpoint", None)
     if args.average > 0:  # the last epochs' mean weights stand for MLE, and RL starts from them
         epochs = sorted(out.glob("mle.epoch*.pth"), key=lambda p: int(p.stem.removeprefix("mle.epoch")))
+        last = epochs[-args.average:]
         checkpoints["mle"] = out / "mle.avg.pth"
-        run("average_checkpoints.py", *map(str, epochs[-args.average:]), "--output", str(checkpoints["mle"]),
-            **common)
-        row["mle_checkpoint"] = f"the average of {' '.join(p.name for p in epochs[-args.average:])}"
+        run("average_checkpoints.py", *map(str, last), "--output", str(checkpoints["mle"]), **common)
+        row["mle_checkpoint"] = f"the average of {' '.join(p.name for p in last)}"
     start = time.time()
     n_rl = profile["rl_sentences"] if args.rl_sentences is None else args.rl_sentences
     rl_train = subset(prefix("train"), n_rl, out / "rl_train")
