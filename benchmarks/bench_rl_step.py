@@ -1,6 +1,7 @@
 """One RL step: the library's engine against the classic way, same model, same batch.
 
     python benchmarks/bench_rl_step.py [--device cuda] [--steps 3]
+    python benchmarks/bench_rl_step.py --memory_budget_mb 1024 --steps 1 [--device cuda]
 
 The classic step (written here as the reference) samples the actor with the
 autograd graph kept through the whole sampling loop and keeps its (B, T, V)
@@ -17,6 +18,9 @@ Untrained models rarely emit EOS, so by default every sample runs to
 so that a sample ends with probability about 1/N at each step, as a trained
 model's samples end at different lengths; the table gives the mean number of
 tokens before EOS of the engine's samples.
+
+``--memory_budget_mb N`` instead finds, for each method, the largest batch (K=4)
+whose steps fit in N MiB beyond the set-up, and the first that runs out of memory.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MODELS, VOCAB, machine, peak_rss_mb, table  # noqa: E402
+from common import MODELS, VOCAB, is_out_of_memory, limit_memory, machine, peak_rss_mb, table  # noqa: E402
 
 from simple_nmt.cli import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS, PAD  # noqa: E402
@@ -42,6 +46,7 @@ from simple_nmt.models import build_model  # noqa: E402
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine, strip_eos  # noqa: E402
 
 SENTENCE_LENGTH = 20  # tokens of every source and reference (EOS aside)
+BATCH_SIZES = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]  # tried under --memory_budget_mb
 
 
 def current_rss_mb() -> float:
@@ -113,6 +118,8 @@ def worker(args: argparse.Namespace) -> dict:
         else:
             classic_step(model, optimizer, batch, args.k, args.max_length)
 
+    if args.memory_budget_mb:
+        limit_memory(device, args.memory_budget_mb)
     rss_before = current_rss_mb()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -126,8 +133,10 @@ def worker(args: argparse.Namespace) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    except torch.OutOfMemoryError:
-        return {"oom": True}
+    except (RuntimeError, MemoryError) as error:
+        if is_out_of_memory(error):
+            return {"oom": True}
+        raise
     memory = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" \
         else peak_rss_mb() - rss_before
     return {"seconds": min(times[1:]), "memory_mb": memory, "mean_length": sum(lengths) / max(len(lengths), 1)}
@@ -136,7 +145,8 @@ def worker(args: argparse.Namespace) -> dict:
 def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int) -> dict:
     command = [sys.executable, __file__, "--worker", "--model", model, "--method", method, "--k", str(k),
                "--b", str(b), "--device", args.device, "--steps", str(args.steps), "--max_length",
-               str(args.max_length), "--mean_length", str(args.mean_length)]
+               str(args.max_length), "--mean_length", str(args.mean_length),
+               "--memory_budget_mb", str(args.memory_budget_mb)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"oom": True} if "OutOfMemory" in proc.stderr or proc.returncode < 0 else {"error": proc.stderr[-300:]}
@@ -158,6 +168,37 @@ def row(args, model: str, k: int, b: int) -> tuple[list[object], dict, dict]:
              show(classic, "memory_mb", ".0f"), memory], engine, classic)
 
 
+def largest_batch(args: argparse.Namespace, model: str, method: str) -> list[object]:
+    """Table cells: the largest batch size (K=4) whose steps fit ``--memory_budget_mb``, its peak
+    memory, and the first batch size that ran out of memory ("-" if none did)."""
+    fits, peak = None, None
+    for b in BATCH_SIZES:
+        result = measure(args, model, method, 4, b)
+        if "error" in result:
+            sys.exit(f"{model}, {method}, B={b}: {result['error']}")
+        if result.get("oom"):
+            return [model, method, fits or f"< {b}", "-" if peak is None else f"{peak:.0f}", b]
+        fits, peak = b, result["memory_mb"]
+    return [model, method, fits, f"{peak:.0f}", "-"]
+
+
+def budget_main(args: argparse.Namespace) -> None:
+    headers = ["model", "method", f"largest B within {args.memory_budget_mb:g} MiB", "its peak MiB",
+               "first B out of memory"]
+    rows = []
+    for model in MODELS:
+        for method in ("engine", "classic"):
+            rows.append(largest_batch(args, model, method))
+            print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\n# RL step under a memory budget on {args.device}: {machine(torch.device(args.device))}; K=4, "
+          f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}")
+    print(table(headers, rows))
+    engine, classic = rows[0][2], rows[1][2]
+    ratio = f" ({engine / classic:.1f}x)" if isinstance(engine, int) and isinstance(classic, int) else ""
+    print(f"headline: Transformer, K=4, within {args.memory_budget_mb:g} MiB on {args.device}: the engine's step "
+          f"fits batches of {engine}, the classic step {classic}{ratio}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -165,6 +206,8 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=40, help="longest sampled output")
     p.add_argument("--mean_length", type=float, default=0,
                    help="raise the EOS logit so that samples end after about this many tokens (0: untrained model)")
+    p.add_argument("--memory_budget_mb", type=float, default=0,
+                   help="find the largest batch whose step fits in this many MiB beyond the set-up, per method")
     p.add_argument("--headline_only", action="store_true", help="only B=64, K=4 for both models, no scaling rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="transformer", help=argparse.SUPPRESS)
@@ -174,8 +217,15 @@ def main() -> None:
     args = p.parse_args()
     if args.mean_length and args.mean_length <= 1:
         p.error("--mean_length must be above 1 (or 0)")
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    if args.memory_budget_mb < 0:
+        p.error("--memory_budget_mb must be positive (or 0)")
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.memory_budget_mb:
+        budget_main(args)
         return
     headers = ["model", "B", "K", "mean sample tokens", "engine s/step", "classic s/step", "speed-up",
                "engine MiB", "classic MiB", "memory ratio"]

@@ -41,6 +41,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def limit_memory(device: torch.device, budget_mb: float) -> None:
+    """Let this process allocate at most ``budget_mb`` MiB beyond what it holds now: on CPU through
+    RLIMIT_DATA (its data segment and private mappings), on GPU through the caching allocator's fraction.
+    Beyond it, allocations fail with an out-of-memory error (see ``is_out_of_memory``)."""
+    budget = int(budget_mb * 2**20)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + budget) / total),
+                                                   device)
+        return
+    with open("/proc/self/status") as f:
+        vm_data_kb = next(int(line.split()[1]) for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (vm_data_kb * 1024 + budget, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed: CUDA's, the CPU allocator's or Python's."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
 def machine(device: torch.device) -> str:
     """One line describing where the numbers come from."""
     if device.type == "cuda":
