@@ -20,7 +20,9 @@ model's samples end at different lengths; the table gives the mean number of
 tokens before EOS of the engine's samples.
 
 ``--memory_budget_mb N`` instead finds, for each method, the largest batch (K=4)
-whose steps fit in N MiB beyond the set-up, and the first that runs out of memory.
+whose steps fit in N MiB beyond the set-up (first steps' lazy allocations, such
+as the gradients, included), to within 8 sources: it doubles the batch from 16
+until a step runs out of memory, then bisects.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from nltk.translate.gleu_score import sentence_gleu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,7 +50,7 @@ from simple_nmt.models import build_model  # noqa: E402
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine, strip_eos  # noqa: E402
 
 SENTENCE_LENGTH = 20  # tokens of every source and reference (EOS aside)
-BATCH_SIZES = [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]  # tried under --memory_budget_mb
+BATCH_STEP = 8  # --memory_budget_mb finds the largest batch to within this many sources
 
 
 def current_rss_mb() -> float:
@@ -56,8 +60,6 @@ def current_rss_mb() -> float:
 
 def classic_step(model, optimizer, batch, n_samples: int, max_length: int) -> None:
     """The reference: graph through the sampling loop, K sequential passes, a Python reward loop."""
-    from nltk.translate.gleu_score import sentence_gleu
-
     src, src_lengths, refs = batch["src"], batch["src_lengths"], batch["tgt"][:, 1:]
     state = model.encode(src, src_lengths)
     y = torch.full((src.size(0),), BOS, dtype=torch.long, device=src.device)
@@ -148,8 +150,10 @@ def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int) -
                str(args.max_length), "--mean_length", str(args.mean_length),
                "--memory_budget_mb", str(args.memory_budget_mb)]
     proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer
+        return {"oom": True}
     if proc.returncode != 0:
-        return {"oom": True} if "OutOfMemory" in proc.stderr or proc.returncode < 0 else {"error": proc.stderr[-300:]}
+        return {"error": proc.stderr[-300:] or f"killed by signal {-proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -168,35 +172,54 @@ def row(args, model: str, k: int, b: int) -> tuple[list[object], dict, dict]:
              show(classic, "memory_mb", ".0f"), memory], engine, classic)
 
 
-def largest_batch(args: argparse.Namespace, model: str, method: str) -> list[object]:
-    """Table cells: the largest batch size (K=4) whose steps fit ``--memory_budget_mb``, its peak
-    memory, and the first batch size that ran out of memory ("-" if none did)."""
-    fits, peak = None, None
-    for b in BATCH_SIZES:
+def largest_batch(args: argparse.Namespace, model: str, method: str) -> tuple[list[object], int, bool]:
+    """The largest batch size (K=4) whose steps fit ``--memory_budget_mb``, found by doubling from 16
+    until a step runs out of memory, then bisecting to within BATCH_STEP sources.
+
+    Returns the table cells (that batch, its peak memory, the smallest batch that ran out), the batch
+    (0 if none fits) and whether a larger one ran out of memory (not when ``--max_batch`` came first).
+    """
+    fits, peak, fails = 0, None, None
+
+    def fit(b: int) -> bool:
+        nonlocal fits, peak, fails
         result = measure(args, model, method, 4, b)
         if "error" in result:
             sys.exit(f"{model}, {method}, B={b}: {result['error']}")
         if result.get("oom"):
-            return [model, method, fits or f"< {b}", "-" if peak is None else f"{peak:.0f}", b]
+            fails = b
+            return False
         fits, peak = b, result["memory_mb"]
-    return [model, method, fits, f"{peak:.0f}", "-"]
+        return True
+
+    b = 16
+    while b <= args.max_batch and fit(b):
+        b *= 2
+    while fails is not None and fails - fits > BATCH_STEP:
+        fit((fits + fails) // 2)
+    cells = [model, method, fits or f"< {fails}", "-" if peak is None else f"{peak:.0f}",
+             "-" if fails is None else fails]
+    return cells, fits, fails is not None
 
 
 def budget_main(args: argparse.Namespace) -> None:
     headers = ["model", "method", f"largest B within {args.memory_budget_mb:g} MiB", "its peak MiB",
-               "first B out of memory"]
-    rows = []
+               "smallest B out of memory"]
+    rows, found = [], {}
     for model in MODELS:
         for method in ("engine", "classic"):
-            rows.append(largest_batch(args, model, method))
+            cells, fits, bounded = largest_batch(args, model, method)
+            rows.append(cells)
+            found[method] = found.get(method) or (cells[2], fits, bounded)  # the first model's: the Transformer
             print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n# RL step under a memory budget on {args.device}: {machine(torch.device(args.device))}; K=4, "
           f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}")
     print(table(headers, rows))
-    engine, classic = rows[0][2], rows[1][2]
-    ratio = f" ({engine / classic:.1f}x)" if isinstance(engine, int) and isinstance(classic, int) else ""
+    (engine_cell, engine, bounded), (classic_cell, classic, _) = found["engine"], found["classic"]
+    at_least = "" if bounded else "at least "  # --max_batch came before the engine ran out of memory
+    ratio = f" ({at_least}{engine / classic:.1f}x)" if classic else ""
     print(f"headline: Transformer, K=4, within {args.memory_budget_mb:g} MiB on {args.device}: the engine's step "
-          f"fits batches of {engine}, the classic step {classic}{ratio}")
+          f"fits batches of {at_least}{engine_cell}, the classic step {classic_cell}{ratio}")
 
 
 def main() -> None:
@@ -207,7 +230,9 @@ def main() -> None:
     p.add_argument("--mean_length", type=float, default=0,
                    help="raise the EOS logit so that samples end after about this many tokens (0: untrained model)")
     p.add_argument("--memory_budget_mb", type=float, default=0,
-                   help="find the largest batch whose step fits in this many MiB beyond the set-up, per method")
+                   help="find the largest batch whose step fits in this many MiB beyond the set-up, per method "
+                        "(--steps then only repeats the step)")
+    p.add_argument("--max_batch", type=int, default=4096, help="the largest batch --memory_budget_mb tries")
     p.add_argument("--headline_only", action="store_true", help="only B=64, K=4 for both models, no scaling rows")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="transformer", help=argparse.SUPPRESS)

@@ -43,22 +43,31 @@ def peak_rss_mb() -> float:
 
 def limit_memory(device: torch.device, budget_mb: float) -> None:
     """Let this process allocate at most ``budget_mb`` MiB beyond what it holds now: on CPU through
-    RLIMIT_DATA (its data segment and private mappings), on GPU through the caching allocator's fraction.
+    RLIMIT_DATA (its heap and private mappings, memory the C library keeps after a free included), on
+    GPU through the caching allocator's fraction (memory it reserves, cached blocks included).
     Beyond it, allocations fail with an out-of-memory error (see ``is_out_of_memory``)."""
     budget = int(budget_mb * 2**20)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved(device) + budget) / total),
-                                                   device)
+        fraction = min(1.0, (torch.cuda.memory_reserved(device) + budget) / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
         return
     with open("/proc/self/status") as f:
         vm_data_kb = next(int(line.split()[1]) for line in f if line.startswith("VmData:"))
-    resource.setrlimit(resource.RLIMIT_DATA, (vm_data_kb * 1024 + budget, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    soft = vm_data_kb * 1024 + budget
+    if hard != resource.RLIM_INFINITY and soft > hard:
+        raise SystemExit(f"--memory_budget_mb {budget_mb:g}: above this shell's hard RLIMIT_DATA ({hard} bytes)")
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation that failed: CUDA's, the CPU allocator's or Python's."""
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+    """Whether ``error`` is an allocation that failed: CUDA's, the CPU allocator's, C++'s, oneDNN's (whose
+    LSTM reports one as "could not create a primitive") or Python's."""
+    message = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(text in message for text in (
+        "can't allocate memory", "Cannot allocate memory", "bad_alloc", "could not create a primitive"))
 
 
 def machine(device: torch.device) -> str:
