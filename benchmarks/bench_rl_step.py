@@ -210,12 +210,13 @@ def budget_main(args: argparse.Namespace) -> None:
         for method in ("engine", "classic"):
             cells, fits, bounded = largest_batch(args, model, method)
             rows.append(cells)
-            found[method] = found.get(method) or (cells[2], fits, bounded)  # the first model's: the Transformer
+            found[model, method] = (cells[2], fits, bounded)
             print(table(headers, rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n# RL step under a memory budget on {args.device}: {machine(torch.device(args.device))}; K=4, "
           f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}")
     print(table(headers, rows))
-    (engine_cell, engine, bounded), (classic_cell, classic, _) = found["engine"], found["classic"]
+    (engine_cell, engine, bounded), (classic_cell, classic, _) = (found["transformer", "engine"],
+                                                                  found["transformer", "classic"])
     at_least = "" if bounded else "at least "  # --max_batch came before the engine ran out of memory
     ratio = f" ({at_least}{engine / classic:.1f}x)" if classic else ""
     print(f"headline: Transformer, K=4, within {args.memory_budget_mb:g} MiB on {args.device}: the engine's step "
