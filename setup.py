@@ -7,11 +7,11 @@ setup(
     packages=find_packages(include=["simple_nmt", "simple_nmt.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.3,<3",
-        "pytorch-ignite>=0.5,<0.6",
-        "sacrebleu>=2.3,<3",
-        "numpy>=1.24",
-        "tqdm>=4.60",
+        "torch>=2.6.0,<3",
+        "pytorch-ignite>=0.5.0.post2,<0.6",
+        "sacrebleu>=2.3.0,<3",
+        "numpy>=1.24.4",
+        "tqdm>=4.60.0",
         "sentencepiece>=0.1.99",
     ],
     extras_require={

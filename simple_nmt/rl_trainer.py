@@ -11,11 +11,12 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
+from simple_nmt.config import Config
 from simple_nmt.data import BOS, EOS, PAD, TextField
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.rewards import Reward, as_reward
-from simple_nmt.search import select_state
-from simple_nmt.trainer import MaximumLikelihoodEstimationEngine
+from simple_nmt.search import output_ids, select_state
+from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, check_log_probs
 
 
 def after_eos(ids: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,9 @@ def sequence_log_probs(
             if logits:
                 token_log_probs = selected_log_probs(model(*args, normalize=False), chosen)  # (len(index), t)
             else:
-                token_log_probs = model(*args).gather(2, chosen[:, :, None]).squeeze(2)
+                full = model(*args)  # |full| = (len(index), t, vocab_size), log-probs
+                check_log_probs(full)
+                token_log_probs = full.gather(2, chosen[:, :, None]).squeeze(2)
         log_p.append(token_log_probs.masked_fill(~scored[index, :t], 0.0).sum(dim=1))
         rows.append(index)
     return torch.cat(log_p)[torch.cat(rows).argsort()]
@@ -204,14 +207,15 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             or a name from ``simple_nmt.rewards.REWARDS`` (default ``config["rl_reward"]``).
     """
 
-    metric_names = ("reward", "baseline", "advantage", "len_ratio", "no_eos", "|param|", "|g_param|")
+    metric_names = ("loss", "reward", "baseline", "advantage", "adv_std", "len_ratio", "no_eos", "|param|",
+                    "|g_param|")
     phase = "rl"
 
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        config: Mapping[str, Any],
+        config: Config | Mapping[str, Any],
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str = "cpu",
         tgt_field: TextField | None = None,
@@ -219,8 +223,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
     ):
         super().__init__(model, optimizer, config, scheduler, device, tgt_field)
         decode = tgt_field.to_text if tgt_field is not None else None
-        self.reward = as_reward(reward or self.config.get("rl_reward", "bleu"),
-                                n_gram=self.config.get("rl_n_gram", 4), pad_id=PAD, decode=decode)
+        self.reward = as_reward(reward or self.config.rl_reward, n_gram=self.config.rl_n_gram, pad_id=PAD,
+                                decode=decode)
         self._search_repeats_state = "n_samples" in inspect.signature(self.raw_model.search).parameters
         # DistributedDataParallel syncs buffers at every forward: the ranks must then run the
         # same number of forwards, so a model with buffers is re-scored in one forward
@@ -237,9 +241,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1.
         """
         c = self.config
-        kwargs = {"is_greedy": is_greedy, "max_length": c.get("max_length", 255) or 255,
-                  "temperature": c.get("rl_temperature", 1.0), "top_k": c.get("rl_top_k", 0),
-                  "top_p": c.get("rl_top_p", 1.0)}
+        kwargs = {"is_greedy": is_greedy, "max_length": c.decoding_length, "temperature": c.rl_temperature,
+                  "top_k": c.rl_top_k, "top_p": c.rl_top_p}
         model, was_training = self.raw_model, self.raw_model.training
         model.eval()
         try:
@@ -250,47 +253,50 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
                     out = model.search(src.repeat_interleave(n, 0), src_lengths.repeat_interleave(n, 0), **kwargs)
         finally:
             model.train(was_training)
-        return out[0] if isinstance(out, tuple) else out
+        return output_ids(out)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix."""
         c = self.config
         src, src_lengths = batch["src"], batch["src_lengths"]
-        batch_size, n = src.size(0), c.get("rl_n_samples", 4) + 1
+        batch_size, n = src.size(0), c.rl_n_samples + 1
         refs = strip_eos(batch["tgt"][:, 1:])  # |refs| = (batch_size, length)
 
         samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
         hyps = strip_eos(samples)
         rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
         greedy_rewards = None
-        if c.get("rl_baseline", "mean") == "greedy":
+        if c.rl_baseline == "greedy":
             greedy = self.sample(src, src_lengths, 1, is_greedy=True)
             greedy_rewards = self.reward(strip_eos(greedy), refs).float()
 
-        if c.get("rl_objective", "reinforce") == "mrt":
+        mrt = c.rl_objective == "mrt"
+        if mrt:
             actors, baselines = torch.ones(n, dtype=torch.bool, device=src.device), torch.zeros_like(rewards)
         else:
-            actors, baselines = baseline_and_actors(rewards, c.get("rl_baseline", "mean"), greedy_rewards)
+            actors, baselines = baseline_and_actors(rewards, c.rl_baseline, greedy_rewards)
         n_actors = int(actors.sum())
         rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
         log_p = sequence_log_probs(self.model, src, src_lengths, samples[rows], bucket_ratio=self._bucket_ratio)
         log_p = log_p.view(batch_size, n_actors)
         advantage = (rewards - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
-        if c.get("rl_objective", "reinforce") == "mrt":
+        if mrt:
             # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the samples
-            q = (c.get("rl_mrt_alpha", 0.005) * log_p).softmax(dim=1)
+            q = (c.rl_mrt_alpha * log_p).softmax(dim=1)
             loss = -(q * rewards).sum(dim=1).mean()
         else:
             loss = -(advantage.detach() * log_p).mean()
-        if c.get("rl_mle_weight", 0.0) > 0:
-            loss = loss + c["rl_mle_weight"] * super().compute_loss(batch)[0]
+        if c.rl_mle_weight > 0:
+            loss = loss + c.rl_mle_weight * super().compute_loss(batch)[0]
 
         sample_lengths = (hyps != PAD).sum(dim=1).float()
         ref_lengths = (refs != PAD).sum(dim=1).float().repeat_interleave(n)
         return loss, {
+            "loss": float(loss.detach()),
             "reward": float(rewards[:, actors].mean()),
             "baseline": float(baselines[:, actors].mean()),
             "advantage": float(advantage.mean()),
+            "adv_std": float(advantage.std(correction=0)),
             "len_ratio": float(sample_lengths.sum() / ref_lengths.sum().clamp(min=1)),
             "no_eos": float((~(samples == EOS).any(dim=1)).float().mean()),
         }

@@ -40,6 +40,11 @@ def select_state(state: State, index: torch.Tensor) -> State:
     return map_state(state, lambda x: x.index_select(0, index))
 
 
+def output_ids(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The ids of a ``search`` output: ``search`` returns (ids, log_probs), a research model's may return ids only."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the top-p nucleus.
 

@@ -19,8 +19,13 @@ from ignite.metrics import RunningAverage
 from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.checkpoint import AtomicSaver, save_checkpoint
+from simple_nmt.config import Config, as_config
 from simple_nmt.data import PAD, TextField
 from simple_nmt.distributed import is_main_process
+from simple_nmt.search import output_ids
+
+# the trainer state's counters of non-finite updates: in a row, and in all
+SKIP_COUNTERS = ("n_bad_steps", "n_skipped_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,9 +52,11 @@ class MaximumLikelihoodEstimationEngine(Engine):
 
     Args:
         model: an ``EncoderDecoder`` (or any module with the same interface), or one in
-            ``DistributedDataParallel``.
+            ``DistributedDataParallel``. Its forward returns log-probs (checked on the first
+            batch); a forward that returns logits must take ``normalize`` (see ``EncoderDecoder``).
         optimizer: a torch optimizer over the model's parameters.
-        config: run options; read here: ``iteration_per_update``, ``max_grad_norm``,
+        config: a ``Config``, or a mapping of option names to values (validated, the rest
+            defaulted); read here: ``iteration_per_update``, ``max_grad_norm``,
             ``label_smoothing``, ``max_bad_steps``, ``off_autocast``, ``max_length``.
         scheduler: stepped after each update (optional).
         device: where to train; the model must already be there.
@@ -63,23 +70,27 @@ class MaximumLikelihoodEstimationEngine(Engine):
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        config: Mapping[str, Any],
+        config: Config | Mapping[str, Any],
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         device: torch.device | str = "cpu",
         tgt_field: TextField | None = None,
     ):
         super().__init__(type(self).train_step)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.config, self.device, self.tgt_field = dict(config), torch.device(device), tgt_field
-        self.use_amp = self.device.type == "cuda" and not self.config.get("off_autocast", False)
+        self.config, self.device, self.tgt_field = as_config(config), torch.device(device), tgt_field
+        self.use_amp = self.device.type == "cuda" and not self.config.off_autocast
         self.amp_dtype = torch.bfloat16
         if self.use_amp and not torch.cuda.is_bf16_supported():
             self.amp_dtype = torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        # the counters of non-finite updates are saved with the trainer state and resumed
+        self.state_dict_user_keys.extend(SKIP_COUNTERS)
         self.state.n_bad_steps = 0  # non-finite updates in a row
         self.state.n_skipped_steps = 0  # non-finite updates in all
         self.state.last_output = {}
-        self.state.param_norm = self.state.grad_norm = 0.0
+        self.state.grad_norm = 0.0
+        self.state.param_norm = parameter_norm(self.raw_model)
+        self._log_probs_checked = False
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -92,7 +103,10 @@ class MaximumLikelihoodEstimationEngine(Engine):
         tgt = batch["tgt"]  # |tgt| = (batch_size, length + 2): BOS y EOS
         log_probs = self.model(batch["src"], batch["src_lengths"], tgt[:, :-1])
         # |log_probs| = (batch_size, length + 1, vocab_size)
-        loss, nll, n_tokens = token_losses(log_probs, tgt[:, 1:], self.config.get("label_smoothing", 0.0))
+        if not self._log_probs_checked:
+            check_log_probs(log_probs)
+            self._log_probs_checked = True
+        loss, nll, n_tokens = token_losses(log_probs, tgt[:, 1:], self.config.label_smoothing)
         mean_nll = float(nll) / max(n_tokens, 1)
         return loss / max(n_tokens, 1), {"loss": mean_nll, "ppl": math.exp(min(mean_nll, 100.0))}
 
@@ -112,7 +126,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
         """One iteration: forward, backward, and every ``iteration_per_update`` iterations an update."""
         self.model.train()
         batch = self.to_device(batch)
-        iteration_per_update = self.config.get("iteration_per_update", 1)
+        iteration_per_update = self.config.iteration_per_update
         is_update = self.state.iteration % iteration_per_update == 0
         distributed = isinstance(self.model, DistributedDataParallel)
         with self._gradient_sync(is_update):
@@ -127,10 +141,22 @@ class MaximumLikelihoodEstimationEngine(Engine):
             finite = self._update() and finite
         self._count_bad_step(finite)
         if not finite:
-            return self.state.last_output or {k: 0.0 for k in output}
+            # a skipped update repeats the last output; before the first good one, zeros for every metric
+            return self.state.last_output or {k: 0.0 for k in self.metric_names}
         output.update({"|param|": self.state.param_norm, "|g_param|": self.state.grad_norm})
         self.state.last_output = output
         return output
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the epoch, iteration and counters of skipped updates (0 in checkpoints that lack them)."""
+        super().load_state_dict({**dict.fromkeys(SKIP_COUNTERS, 0), **state_dict})
+
+    def resume(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore the optimizer, scheduler, loss scaler and trainer state of a checkpoint."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.load_state_dict(checkpoint["trainer"])
 
     def _gradient_sync(self, is_update: bool) -> AbstractContextManager:
         """Under DDP, ``no_sync`` between updates: gradients accumulate locally and are
@@ -143,7 +169,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
         """Clip and apply the accumulated gradients; returns False if they were not finite."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.get("max_grad_norm", 0.0) or float("inf")
+        max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = bool(torch.isfinite(grad_norm))
         if finite:
@@ -153,7 +179,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.grad_norm = float(grad_norm) if finite else self.state.grad_norm
-        self.state.param_norm = float(torch.nn.utils.get_total_norm([p.detach() for p in params]))
+        self.state.param_norm = parameter_norm(self.model)
         return finite
 
     def _count_bad_step(self, finite: bool) -> None:
@@ -162,7 +188,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
             return
         self.state.n_bad_steps += 1
         self.state.n_skipped_steps += 1
-        limit = self.config.get("max_bad_steps", 10)
+        limit = self.config.max_bad_steps
         if self.state.n_bad_steps >= limit:
             raise NonFiniteLossError(
                 f"{self.state.n_bad_steps} updates in a row had a non-finite loss or gradient "
@@ -188,8 +214,8 @@ class MaximumLikelihoodEstimationEngine(Engine):
             batch = self.to_device(batch)
             with self.autocast():
                 log_probs = model(batch["src"], batch["src_lengths"], batch["tgt"][:, :-1])
-                ids, _ = model.search(batch["src"], batch["src_lengths"],
-                                      max_length=self.config.get("max_length", 255) or 255)
+                ids = output_ids(model.search(batch["src"], batch["src_lengths"],
+                                              max_length=self.config.decoding_length))
             _, nll, n_tokens = token_losses(log_probs, batch["tgt"][:, 1:], 0.0)
             total_nll, total_tokens = total_nll + float(nll), total_tokens + n_tokens
             for i, row in zip(batch["index"].tolist(), ids.tolist()):
@@ -224,38 +250,36 @@ def token_losses(
     return loss.sum(), nll.detach().sum(), int(mask.sum())
 
 
-def optimizer_name(config: Mapping[str, Any]) -> str:
-    """``sgd``, ``adam``, ``adamw`` or ``radam``: ``--use_radam`` / ``--use_adam`` win over ``--optimizer``."""
-    if config.get("use_radam"):
-        return "radam"
-    return "adam" if config.get("use_adam") else config.get("optimizer", "sgd")
-
-
 def build_optimizer(
-    model: torch.nn.Module, config: Mapping[str, Any], lr: float | None = None
+    model: torch.nn.Module, config: Config | Mapping[str, Any], lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW / RAdam from torch, chosen by ``--optimizer`` (or ``--use_adam``, ``--use_radam``).
+    """SGD / Adam / AdamW / RAdam from torch, chosen by ``config.optimizer``.
 
     Args:
-        lr: overrides ``config["lr"]``; by default 1.0 for SGD and 1e-3 for the others.
+        lr: the learning rate; by default the MLE phase's (``config.learning_rate("mle")``).
     """
-    name = optimizer_name(config)
-    lr = lr if lr is not None else config.get("lr")
+    config = as_config(config)
+    lr = config.learning_rate("mle") if lr is None else lr
     classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
-    if lr is None:
-        lr = 1.0 if name == "sgd" else 1e-3
-    kwargs = {} if name == "sgd" else {"betas": (0.9, 0.98)}
-    return classes[name](model.parameters(), lr=lr, **kwargs)
+    kwargs = {} if config.optimizer == "sgd" else {"betas": (0.9, 0.98)}
+    return classes[config.optimizer](model.parameters(), lr=lr, **kwargs)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: Mapping[str, Any], updates_per_epoch: int
+    optimizer: torch.optim.Optimizer, config: Config | Mapping[str, Any], updates_per_epoch: int, phase: str = "mle"
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Learning-rate factor per update: linear warmup then inverse square root
-    (``--warmup_steps``), times step decay by ``--lr_gamma`` every ``--lr_step``
-    epochs from epoch ``--lr_decay_start`` on."""
-    warmup = config.get("warmup_steps", 0)
-    step, gamma, start = config.get("lr_step", 0), config.get("lr_gamma", 0.5), config.get("lr_decay_start", 1)
+    """Learning-rate factor per update, for the ``mle`` or the ``rl`` phase.
+
+    MLE: linear warm-up then inverse square root (``--warmup_steps``), times step decay by
+    ``--lr_gamma`` every ``--lr_step`` epochs from epoch ``--lr_decay_start`` on.
+    RL: its own schedule, none of the MLE options: linear warm-up over ``--rl_warmup_steps``
+    updates, then constant (``--rl_lr`` from the first update when 0).
+    """
+    config = as_config(config)
+    if phase == "rl":
+        warmup = config.rl_warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+    warmup, step, gamma, start = config.warmup_steps, config.lr_step, config.lr_gamma, config.lr_decay_start
 
     def factor(n_updates: int) -> float:
         value = 1.0
@@ -270,15 +294,36 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class RunInfo:
-    """The plain data a checkpoint carries beside the state dicts: config, vocabularies, tokenizers."""
+def parameter_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of all the trainable parameters of ``model``, as one vector."""
+    norms = [p.detach().float().norm() for p in model.parameters() if p.requires_grad]
+    return float(torch.stack(norms).norm()) if norms else 0.0
 
-    def __init__(self, config: Mapping[str, Any], src_field: TextField, tgt_field: TextField):
-        self.config, self.src_field, self.tgt_field = dict(config), src_field, tgt_field
+
+def check_log_probs(log_probs: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every row of |log_probs| = (..., vocab_size) log-sum-exps to 0.
+
+    Catches a research model whose forward returns logits without taking ``normalize``,
+    which would otherwise be trained as if its logits were log-probabilities.
+    """
+    log_z = log_probs.detach().float().logsumexp(dim=-1)
+    worst = float(log_z.abs().max()) if log_z.numel() else 0.0
+    if not worst <= 1e-2:
+        raise ValueError(
+            f"the model's forward did not return log-probabilities (a row's logsumexp is {worst:.3g}, not 0): "
+            "return log_softmax(logits), or take normalize=False and return the logits only then"
+        )
+
+
+class RunInfo:
+    """The plain data a checkpoint carries beside the state dicts: config, phase, vocabularies, tokenizers."""
+
+    def __init__(self, config: Config, phase: str, src_field: TextField, tgt_field: TextField):
+        self.config, self.phase, self.src_field, self.tgt_field = config, phase, src_field, tgt_field
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "config": self.config,
+            "config": {**self.config.to_dict(), "phase": self.phase},
             "src_vocab": self.src_field.vocab.itos,
             "tgt_vocab": self.tgt_field.vocab.itos,
             "src_spm": self.src_field.tokenizer.model_bytes(),
@@ -291,16 +336,16 @@ class RunInfo:
 
 def attach_handlers(
     engine: MaximumLikelihoodEstimationEngine,
-    config: Mapping[str, Any],
+    config: Config | Mapping[str, Any],
     *,
     on_epoch_start: Callable[[int], None],
     valid_loader: Iterable,
     valid_references: list[str],
-    to_save: Mapping[str, Any],
+    fields: tuple[TextField, TextField],
     model_fn: str,
     best_state: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
-) -> Checkpoint:
+) -> dict[str, Any]:
     """Attach what every training run needs, for the MLE and the RL engine alike.
 
     Running averages of the step outputs, a progress bar (``--verbose 2``),
@@ -310,19 +355,33 @@ def attach_handlers(
     run every rank validates and decides alike; only rank 0 prints, writes
     checkpoints and TensorBoard.
 
+    The checkpoints are complete, made from the engine itself: its model (without a
+    DDP wrapper), optimizer, scheduler (a constant one is made for an engine without),
+    loss scaler and trainer state, and the config,
+    phase, vocabularies and tokenizers (``RunInfo``). ``translate.py`` translates them
+    and ``continue_train.py`` resumes them.
+
     Args:
+        config: the run's options (``verbose``, ``early_stop``, ``tensorboard_dir``; all of
+            them are stored in the checkpoints).
         on_epoch_start: called with the epoch number before it starts (data order, seeds).
-        to_save: objects with ``state_dict`` to put in checkpoints.
+        fields: the source and target ``TextField`` (tokenizer and vocabulary).
         model_fn: ``DIR/STEM.pth``; checkpoints go to DIR.
         best_state: the best-checkpoint handler's state from a resumed checkpoint.
 
     Returns:
-        The best-checkpoint handler.
+        What the checkpoints hold, name -> object with ``state_dict`` (for
+        ``run_until_done_or_interrupted``), the best-checkpoint handler as ``best_checkpointer``.
     """
+    config = as_config(config)
+    if engine.scheduler is None:  # a constant rate, so that the checkpoints resume like the CLI's
+        engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda _: 1.0)
+    to_save = {"model": engine.raw_model, "optimizer": engine.optimizer, "scheduler": engine.scheduler,
+               "scaler": engine.scaler, "trainer": engine, "meta": RunInfo(config, engine.phase, *fields)}
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
     for name in engine.metric_names:
         RunningAverage(output_transform=lambda out, name=name: out[name], alpha=0.98).attach(engine, name)
-    verbose = config.get("verbose", 2) if is_main_process() else 0
+    verbose = config.verbose if is_main_process() else 0
     if verbose >= 2:
         ProgressBar(bar_format=None, file=sys.stderr).attach(engine, metric_names=list(engine.metric_names))
 
@@ -348,17 +407,17 @@ def attach_handlers(
     if best_state and best_state.get("_saved"):
         # keep the resumed run's best score, under this run's file name
         best.load_state_dict({"_saved": [(best_state["_saved"][-1][0], f"{stem}.pth")]})
-    every_epoch = Checkpoint({**to_save, "best_checkpointer": best}, saver, filename_prefix=stem, n_saved=None,
+    to_save["best_checkpointer"] = best
+    every_epoch = Checkpoint(dict(to_save), saver, filename_prefix=stem, n_saved=None,
                              filename_pattern="{filename_prefix}.epoch{global_step}.pth",
                              global_step_transform=lambda e, _: e.state.epoch)
     engine.add_event_handler(Events.EPOCH_COMPLETED, best)
     engine.add_event_handler(Events.EPOCH_COMPLETED, every_epoch)
-    if config.get("early_stop", 0) > 0:
-        engine.add_event_handler(Events.EPOCH_COMPLETED,
-                                 EarlyStopping(config["early_stop"], score, engine))
-    if config.get("tensorboard_dir") and is_main_process():
-        _attach_tensorboard(engine, config["tensorboard_dir"])
-    return best
+    if config.early_stop > 0:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, EarlyStopping(config.early_stop, score, engine))
+    if config.tensorboard_dir and is_main_process():
+        _attach_tensorboard(engine, config.tensorboard_dir)
+    return to_save
 
 
 def run_until_done_or_interrupted(

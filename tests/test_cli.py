@@ -182,7 +182,7 @@ def test_sentencepiece_checkpoint_translates_raw_text(tmp_path):
     (["--rl_n_samples", "0"], "argument --rl_n_samples: must be >= 1"),
     (["--lang", "english"], "argument --lang: --lang must be two 2-letter codes"),
     (["--hidden_size", "-4"], "argument --hidden_size: must be >= 1"),
-    (["--rl_reward", "nonsense"], "argument --rl_reward: invalid choice"),
+    (["--rl_reward", "nonsense"], "argument --rl_reward: must be one of bleu"),
 ])
 def test_invalid_options_fail_before_any_work(toy_dir, tmp_path, args, message):
     proc = run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth"), *args, check=False)

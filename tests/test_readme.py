@@ -21,3 +21,13 @@ def test_research_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "'reward'" in printed and "'no_eos'" in printed
+
+
+def test_setup_lower_bounds_are_the_versions_the_readme_says_were_checked():
+    setup = (ROOT / "setup.py").read_text()
+    install = re.search(r"install_requires=\[(.*?)\]", setup, re.S).group(1)
+    bounds = dict(re.findall(r'"([\w-]+)>=([\w.]+)', install))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Supported versions"):readme.index("## Tests")]
+    checked = dict(re.findall(r"^\| ([\w-]+) \| ([\w.]+) \|$", section, re.M))
+    assert bounds == checked and len(bounds) == 6

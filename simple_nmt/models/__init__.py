@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from simple_nmt.config import Config, as_config
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.models.seq2seq import Seq2Seq
 from simple_nmt.models.transformer import Transformer
@@ -12,22 +13,18 @@ from simple_nmt.models.transformer import Transformer
 __all__ = ["EncoderDecoder", "Seq2Seq", "Transformer", "build_model"]
 
 
-def build_model(config: Mapping[str, Any], src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecoder:
-    """Build a ``Transformer`` if ``config["use_transformer"]`` else a ``Seq2Seq``.
+def build_model(config: Config | Mapping[str, Any], src_vocab_size: int, tgt_vocab_size: int) -> EncoderDecoder:
+    """Build a ``Transformer`` if ``config.use_transformer`` else a ``Seq2Seq``.
 
     Args:
-        config: the run options (``word_vec_size``, ``hidden_size``, ``n_layers``,
-            ``n_splits``, ``dropout``, ``use_transformer``, ``tie_embeddings``).
+        config: a ``Config``, or a mapping of option names (the rest take their defaults); read:
+            ``word_vec_size``, ``hidden_size``, ``n_layers``, ``n_splits``, ``dropout``,
+            ``use_transformer``, ``tie_embeddings``.
         src_vocab_size, tgt_vocab_size: vocabulary sizes.
     """
-    if config.get("use_transformer", False):
-        return Transformer(
-            src_vocab_size, tgt_vocab_size, hidden_size=config["hidden_size"],
-            n_splits=config["n_splits"], n_layers=config["n_layers"], dropout=config["dropout"],
-            tie_embeddings=config.get("tie_embeddings", False),
-        )
-    return Seq2Seq(
-        src_vocab_size, tgt_vocab_size, word_vec_size=config["word_vec_size"],
-        hidden_size=config["hidden_size"], n_layers=config["n_layers"], dropout=config["dropout"],
-        tie_embeddings=config.get("tie_embeddings", False),
-    )
+    c = as_config(config)
+    if c.use_transformer:
+        return Transformer(src_vocab_size, tgt_vocab_size, hidden_size=c.hidden_size, n_splits=c.n_splits,
+                           n_layers=c.n_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings)
+    return Seq2Seq(src_vocab_size, tgt_vocab_size, word_vec_size=c.word_vec_size, hidden_size=c.hidden_size,
+                   n_layers=c.n_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings)

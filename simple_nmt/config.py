@@ -1,0 +1,320 @@
+"""Every option once: its type, default, bounds and help, in frozen dataclasses per group.
+
+The command lines of the scripts are generated from these definitions (``simple_nmt.cli``),
+and the engines and ``build_model`` read a ``Config`` by attribute. A config built in Python
+(``Config(...)``, ``simple_nmt.cli.default_config(...)``) is validated exactly like the command
+line: a bad value, an unknown name or a misspelt one raises ``ValueError`` naming the option.
+
+Each option also says where ``continue_train.py`` takes it from (``source``):
+
+- ``FIXED``: the architecture and the vocabularies; the checkpoint's value, and a different
+  value on the command line is an error;
+- ``INHERITED``: data, training and RL settings; the checkpoint's value unless given;
+- ``LOCAL``: where to run, what to log and where to write; this command line and its defaults,
+  never the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from simple_nmt.data import split_lang
+from simple_nmt.rewards import REWARDS
+
+FIXED, INHERITED, LOCAL = "fixed", "inherited", "local"
+
+# the decoding limit of training and validation when --max_length is 0 (no limit on the data)
+UNLIMITED_DECODING_LENGTH = 255
+LARGEST_SEED = 2**32 - 1
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    maximum: float | None = None,
+    choices: tuple | None = None,
+    check: Callable[[Any], Any] | None = None,
+    source: str = INHERITED,
+    aliases: Mapping[str, Any] | None = None,
+) -> Any:
+    """A dataclass field with the option's help, bounds and source.
+
+    Args:
+        minimum, above, maximum: the value must be >= ``minimum``, > ``above`` and <= ``maximum``.
+        choices: the allowed values.
+        check: raises ``ValueError`` for a bad value (e.g. ``split_lang``).
+        source: where ``continue_train.py`` takes the option from: FIXED, INHERITED or LOCAL.
+        aliases: command-line flags that set this option to a value, e.g. ``{"use_adam": "adam"}``.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "minimum": minimum, "above": above, "maximum": maximum, "choices": choices,
+        "check": check, "source": source, "aliases": dict(aliases or {}),
+    })
+
+
+def value_type(hint: Any) -> tuple[type, bool]:
+    """``int`` -> (int, False); ``float | None`` -> (float, True)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """``value`` checked against the option's type, bounds and choices (ints given for floats become floats).
+
+    Raises:
+        ValueError: a message without the option's name, e.g. ``must be >= 1, got 0``.
+    """
+    kind, optional = value_type(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"must be a {kind.__name__}, got None")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be True or False, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"must be an integer, got {value!r}")
+        value = int(value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+    elif not isinstance(value, kind):
+        raise ValueError(f"must be a {kind.__name__}, got {value!r}")
+    m = f.metadata
+    if m["choices"] is not None and value not in m["choices"]:
+        raise ValueError(f"must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+    if m["minimum"] is not None and value < m["minimum"]:
+        raise ValueError(f"must be >= {m['minimum']}, got {value}")
+    if m["above"] is not None and value <= m["above"]:
+        raise ValueError(f"must be > {m['above']}, got {value}")
+    if m["maximum"] is not None and value > m["maximum"]:
+        raise ValueError(f"must be <= {m['maximum']}, got {value}")
+    if m["check"] is not None:
+        m["check"](value)
+    return value
+
+
+def _lang(text: str) -> None:
+    split_lang(text)
+
+
+class Options:
+    """Base of the option groups: every field is checked when the dataclass is made."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            try:
+                value = check_value(f, hints[f.name], getattr(self, f.name))
+            except ValueError as e:
+                raise ValueError(f"{f.name}: {e}") from None
+            object.__setattr__(self, f.name, value)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Options:
+        """Build from a mapping; an unknown key is a ``ValueError`` naming it (and the closest option)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, names, 1)) else k
+                     for k in unknown]
+            raise ValueError(f"unknown options: {', '.join(hints)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with ``changes``, validated."""
+        return type(self).from_dict({**dataclasses.asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain values (what a checkpoint stores)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOptions(Options):
+    """where to run"""
+
+    gpu_id: int = option(-1, "GPU to use (-1: CPU); under torchrun any value >= 0 means cuda:LOCAL_RANK",
+                         minimum=-1, source=LOCAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions(DeviceOptions):
+    """where to run, what to log and where to write"""
+
+    model_fn: str | None = option(
+        None, "DIR/STEM.pth: the best checkpoint; each epoch also writes DIR/STEM.epochN.pth", source=LOCAL)
+    off_autocast: bool = option(False, "no mixed precision on GPU", source=LOCAL)
+    verbose: int = option(2, "0: quiet, 1: a line per epoch, 2: also a progress bar", choices=(0, 1, 2),
+                          source=LOCAL)
+    tensorboard_dir: str | None = option(None, "write TensorBoard logs to this folder", source=LOCAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions(Options):
+    """data"""
+
+    train: str | None = option(None, "training files prefix: PREFIX.SRC and PREFIX.TGT")
+    valid: str | None = option(None, "validation files prefix")
+    lang: str = option("ende", "source and target language codes, e.g. ende", check=_lang, source=FIXED)
+    max_length: int = option(
+        100, "drop training pairs longer than this many tokens (0: keep all); also the decoding limit of "
+             f"sampling and validation ({UNLIMITED_DECODING_LENGTH} when 0)", minimum=0)
+    batch_size: int = option(32, "sentences per batch", minimum=1)
+    max_tokens: int = option(0, "if > 0, batches hold up to this many padded tokens instead of --batch_size "
+                                "sentences", minimum=0)
+    max_vocab: int = option(0, "largest vocabulary (0: no limit)", minimum=0, source=FIXED)
+    min_freq: int = option(1, "rarer tokens map to <unk>", minimum=1, source=FIXED)
+    spm_vocab_size: int = option(0, "if > 0, train SentencePiece models of this size on raw training text",
+                                 minimum=0, source=FIXED)
+    encoding_errors: str = option("strict", "non-UTF-8 bytes: stop with an error, or replace them and count "
+                                            "the lines", choices=("strict", "replace"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions(Options):
+    """model"""
+
+    use_transformer: bool = option(False, "a Transformer instead of the LSTM Seq2Seq", source=FIXED)
+    word_vec_size: int = option(512, "embedding size (Seq2Seq)", minimum=1, source=FIXED)
+    hidden_size: int = option(768, "hidden / model size", minimum=1, source=FIXED)
+    n_layers: int = option(4, "encoder and decoder layers", minimum=1, source=FIXED)
+    n_splits: int = option(8, "attention heads (Transformer)", minimum=1, source=FIXED)
+    dropout: float = option(0.2, "dropout probability", minimum=0.0, maximum=1.0)
+    tie_embeddings: bool = option(
+        False, "share the target embeddings with the output projection (Press & Wolf, 2017); Seq2Seq needs "
+               "--word_vec_size equal to --hidden_size", source=FIXED)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "radam")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions(Options):
+    """training (MLE)"""
+
+    seed: int = option(1, "seed of data order, initialisation, dropout and sampling", minimum=0,
+                       maximum=LARGEST_SEED)
+    n_epochs: int = option(20, "MLE epochs", minimum=0)
+    optimizer: str = option("sgd", "optimizer of both phases", choices=OPTIMIZERS,
+                            aliases={"use_adam": "adam", "use_radam": "radam"})
+    lr: float | None = option(None, "learning rate (default: 1 for SGD, 1e-3 else)", above=0.0)
+    lr_step: int = option(0, "multiply the lr by --lr_gamma every this many epochs (0: no decay)", minimum=0)
+    lr_gamma: float = option(0.5, "step decay factor", above=0.0)
+    lr_decay_start: int = option(1, "first epoch of step decay", minimum=1)
+    warmup_steps: int = option(0, "linear warmup over this many updates, then inverse square root decay (0: off)",
+                               minimum=0)
+    label_smoothing: float = option(0.0, "label smoothing of the MLE loss", minimum=0.0, maximum=1.0)
+    iteration_per_update: int = option(1, "gradient accumulation: batches per update", minimum=1)
+    max_grad_norm: float = option(5.0, "gradient clipping (0: off)", minimum=0.0)
+    max_bad_steps: int = option(10, "stop after this many updates in a row with a non-finite loss or gradient",
+                                minimum=1)
+    early_stop: int = option(0, "stop after this many epochs without a better validation score (0: off)",
+                             minimum=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOptions(Options):
+    """reinforcement learning"""
+
+    rl_n_epochs: int = option(0, "RL fine-tuning epochs (0: none)", minimum=0)
+    rl_lr: float | None = option(None, "RL learning rate, from the first RL update on unless --rl_warmup_steps "
+                                       "(default: 0.01 for SGD, 1e-5 else)", above=0.0)
+    rl_warmup_steps: int = option(0, "RL phase: linear warm-up to --rl_lr over this many updates, then "
+                                     "constant (0: --rl_lr from the first update); the MLE schedule options "
+                                     "do not apply to RL", minimum=0)
+    rl_n_samples: int = option(4, "K: samples for the baseline", minimum=1)
+    rl_baseline: str = option(
+        "mean", "mean: one actor, baseline the mean reward of K samples; loo: all K+1 are actors with "
+                "leave-one-out baselines; greedy: the greedy output's reward; none",
+        choices=("mean", "loo", "greedy", "none"))
+    rl_objective: str = option("reinforce", "REINFORCE, or minimum risk training over the sample set "
+                                            "(Shen et al., 2016)", choices=("reinforce", "mrt"))
+    rl_mrt_alpha: float = option(0.005, "MRT sharpness alpha", above=0.0)
+    rl_reward: str = option("bleu", "sentence reward", choices=tuple(sorted(REWARDS)))
+    rl_n_gram: int = option(4, "largest n-gram of BLEU / GLEU rewards", minimum=1)
+    rl_temperature: float = option(1.0, "sampling temperature", above=0.0)
+    rl_top_k: int = option(0, "sample from the k best tokens (0: all)", minimum=0)
+    rl_top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", above=0.0, maximum=1.0)
+    rl_mle_weight: float = option(0.0, "add this weight times the MLE loss on the reference", minimum=0.0)
+
+
+# train.py's option groups, in --help order
+CONFIG_GROUPS = (RunOptions, DataOptions, ModelOptions, TrainingOptions, RLOptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(RLOptions, TrainingOptions, ModelOptions, DataOptions, RunOptions):
+    """All the options of a training run (train.py, continue_train.py), read by attribute."""
+
+    @property
+    def decoding_length(self) -> int:
+        """The longest output of sampling and validation: ``max_length``, or 255 when that is 0."""
+        return self.max_length or UNLIMITED_DECODING_LENGTH
+
+    def learning_rate(self, phase: str) -> float:
+        """The peak learning rate of the ``mle`` or ``rl`` phase, with the optimizer's default."""
+        if phase == "rl":
+            return self.rl_lr if self.rl_lr is not None else (0.01 if self.optimizer == "sgd" else 1e-5)
+        return self.lr if self.lr is not None else (1.0 if self.optimizer == "sgd" else 1e-3)
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslateOptions(DeviceOptions):
+    """translation"""
+
+    model_fn: str | None = option(None, "checkpoint to translate with", source=LOCAL)
+    input: str | None = option(None, "input file (default: stdin)", source=LOCAL)
+    output: str | None = option(None, "output file (default: stdout)", source=LOCAL)
+    batch_size: int = option(64, "sentences per batch", minimum=1, source=LOCAL)
+    beam_size: int = option(5, "beam size (1: greedy)", minimum=1, source=LOCAL)
+    n_best: int = option(1, "hypotheses per line, tab-separated", minimum=1, source=LOCAL)
+    length_penalty: float = option(1.0, "GNMT length penalty alpha (0: none)", minimum=0.0, source=LOCAL)
+    max_length: int = option(255, "longest output, and longest input (longer input is truncated, with a warning)",
+                             minimum=1, source=LOCAL)
+    max_length_ratio: float = option(0.0, "if > 0, outputs are at most this many times the input length (+1)",
+                                     minimum=0.0, source=LOCAL)
+
+
+def as_config(config: Config | Mapping[str, Any]) -> Config:
+    """A ``Config`` as it is; a mapping of option names to values as a validated ``Config``
+    (the options it leaves out take their defaults)."""
+    return config if isinstance(config, Config) else Config.from_dict(config)
+
+
+# keys that checkpoints of earlier versions hold in their config
+_PHASE_KEYS = ("phase", "load_fn")
+
+
+def config_from_checkpoint(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a checkpoint's stored config, as ``Config`` keys.
+
+    Drops the phase and the file it was continued from, and maps the
+    ``use_adam`` / ``use_radam`` flags of earlier versions onto ``optimizer``.
+    """
+    values = {k: v for k, v in saved.items() if k not in _PHASE_KEYS}
+    use_adam, use_radam = values.pop("use_adam", False), values.pop("use_radam", False)
+    if use_radam or use_adam:
+        values["optimizer"] = "radam" if use_radam else "adam"
+    return values
+
+
+def source_of(name: str) -> str:
+    """Where continue_train.py takes option ``name`` from: FIXED, INHERITED or LOCAL."""
+    return {f.name: f.metadata["source"] for f in dataclasses.fields(Config)}[name]
