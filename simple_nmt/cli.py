@@ -25,6 +25,7 @@ from simple_nmt.config import (
     INHERITED,
     LOCAL,
     Config,
+    ModelOptions,
     TranslateOptions,
     check_value,
     config_from_checkpoint,
@@ -148,9 +149,19 @@ def continue_parser() -> argparse.ArgumentParser:
 
 
 def stored_config(checkpoint: Mapping[str, Any], path: str) -> Config:
-    """The ``Config`` a checkpoint was trained with (checkpoints of earlier versions included)."""
+    """The ``Config`` a checkpoint was trained with (checkpoints of earlier versions included), without
+    where it ran and logged: the LOCAL options are the defaults."""
     try:
         return Config.from_dict(config_from_checkpoint(checkpoint["meta"]["config"]))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its config: {e}") from None
+
+
+def stored_model_options(checkpoint: Mapping[str, Any], path: str) -> Config:
+    """The model options of a checkpoint's config (all that translation needs), the rest defaults."""
+    saved = checkpoint["meta"]["config"]
+    try:
+        return Config.from_dict({f.name: saved[f.name] for f in dataclasses.fields(ModelOptions) if f.name in saved})
     except ValueError as e:
         raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its config: {e}") from None
 
@@ -166,8 +177,7 @@ def continued_config(checkpoint: Mapping[str, Any], given: Mapping[str, Any], lo
         if source_of(key) == FIXED and value != getattr(stored, key):
             raise CheckpointError(f"{load_fn}: --{key} {value} does not match the checkpoint's "
                                   f"{getattr(stored, key)}; architecture options cannot change")
-    inherited = {k: v for k, v in stored.to_dict().items() if source_of(k) != LOCAL}
-    return Config.from_dict({**inherited, **given})
+    return stored.replace(**given)  # the LOCAL options were not taken from it: here they are defaults
 
 
 def pick_device(gpu_id: int) -> torch.device:
@@ -262,8 +272,11 @@ def fit(
     device: torch.device,
     n_epochs: int,
     resume: dict[str, Any] | None = None,
+    resume_lr: float | None = None,
+    load_fn: str | None = None,
 ) -> MaximumLikelihoodEstimationEngine:
-    """Train ``model`` with ``engine_class`` for ``n_epochs`` epochs, from ``resume`` if given.
+    """Train ``model`` with ``engine_class`` for ``n_epochs`` epochs, from ``resume`` (the checkpoint
+    read from ``load_fn``) if given, at peak learning rate ``resume_lr`` instead of its own if given.
 
     Checkpoints go to ``config.model_fn`` (best) and ``STEM.epochN.pth`` (each epoch).
     In a distributed run the engine trains ``model`` wrapped in ``DistributedDataParallel``
@@ -286,7 +299,11 @@ def fit(
                               valid_references=corpus.valid_references, fields=corpus.fields,
                               model_fn=config.model_fn, best_state=(resume or {}).get("best_checkpointer"), log=log)
     if resume is not None:
-        engine.resume(resume)
+        try:
+            engine.resume(resume, lr=resume_lr)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{load_fn}: cannot resume its optimizer, schedule or trainer state "
+                                  f"({type(e).__name__}: {e})") from None
         if engine.state.epoch >= n_epochs:
             log(f"the checkpoint already has {engine.state.epoch} epochs; nothing to train")
             return engine
@@ -311,7 +328,7 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str)
 
 
 def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: bool,
-                 reset_optimizer: bool = False, load_fn: str | None = None) -> None:
+                 reset_optimizer: bool = False, load_fn: str | None = None, resume_lr: float | None = None) -> None:
     """Build data and model, then train.
 
     An RL checkpoint resumes RL. Otherwise MLE runs (from ``checkpoint`` if given)
@@ -322,6 +339,7 @@ def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: boo
 
     Args:
         load_fn: the file ``checkpoint`` was read from (named in errors).
+        resume_lr: the peak learning rate of the resumed phase, if the command line changes it.
     """
     log = make_log(config)
     seed_everything(config.seed)
@@ -336,11 +354,13 @@ def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: boo
     model.to(device)
     resume = None if reset_optimizer else checkpoint
     if checkpoint and checkpoint["meta"]["config"].get("phase") == "rl":
-        fit(MinimumRiskTrainingEngine, config, model, corpus, device, config.rl_n_epochs, resume=resume)
+        fit(MinimumRiskTrainingEngine, config, model, corpus, device, config.rl_n_epochs, resume=resume,
+            resume_lr=resume_lr, load_fn=load_fn)
         return
     rl_config = config
     if not rl_only:
-        fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config.n_epochs, resume=resume)
+        fit(MaximumLikelihoodEstimationEngine, config, model, corpus, device, config.n_epochs, resume=resume,
+            resume_lr=resume_lr, load_fn=load_fn)
         rl_config = config.replace(model_fn=sibling(config.model_fn, "rl"))
         # rank 0 wrote the best weights and reads them back; the other ranks get them when RL wraps the model
         if config.rl_n_epochs > 0 and is_main_process() and Path(config.model_fn).is_file():
@@ -382,12 +402,22 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
     with reported_errors():
         checkpoint = load_checkpoint(load_fn)
         config = continued_config(checkpoint, given, load_fn)
-        rl_only = "rl_n_epochs" in given and checkpoint["meta"]["config"].get("phase", "mle") == "mle"
-        if "optimizer" not in checkpoint and not (reset_optimizer or rl_only):
-            raise CheckpointError(f"{load_fn}: holds weights only (averaged), nothing to resume; "
-                                  "give --reset_optimizer to train them further")
+        phase = checkpoint["meta"]["config"].get("phase", "mle")
+        rl_only = "rl_n_epochs" in given and phase == "mle"
+        resume_lr = None
+        if not (reset_optimizer or rl_only):  # an exact resume of the checkpoint's phase
+            if "optimizer" not in checkpoint:
+                raise CheckpointError(f"{load_fn}: holds weights only (averaged), nothing to resume; "
+                                      "give --reset_optimizer to train them further")
+            stored = stored_config(checkpoint, load_fn)
+            if config.optimizer != stored.optimizer:
+                raise OptionError(f"--optimizer {config.optimizer}: the checkpoint resumes {stored.optimizer}'s "
+                                  "state; give --reset_optimizer to start a fresh optimizer")
+            if ("rl_lr" if phase == "rl" else "lr") in given:
+                resume_lr = config.learning_rate(phase)
         with process_group(use_gpu=config.gpu_id >= 0):
-            run_training(config, checkpoint, rl_only=rl_only, reset_optimizer=reset_optimizer, load_fn=load_fn)
+            run_training(config, checkpoint, rl_only=rl_only, reset_optimizer=reset_optimizer, load_fn=load_fn,
+                         resume_lr=resume_lr)
 
 
 # Translation
@@ -445,7 +475,8 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
         device = pick_device(config.gpu_id)
         checkpoint = load_checkpoint(config.model_fn, map_location=device)
         src_field, tgt_field = fields_from_checkpoint(checkpoint["meta"])
-        model = build_model(stored_config(checkpoint, config.model_fn), len(src_field.vocab), len(tgt_field.vocab))
+        model = build_model(stored_model_options(checkpoint, config.model_fn), len(src_field.vocab),
+                            len(tgt_field.vocab))
         load_model_weights(model, checkpoint["model"], config.model_fn)
         model.to(device)
         if config.input:
@@ -471,8 +502,7 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
 
 
 def average_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Average the weights of checkpoints of one run, e.g. its last epochs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Average the weights of checkpoints of one run, e.g. its last epochs.")
     p.add_argument("inputs", nargs="+", help="checkpoints to average, e.g. runs/model.epoch{21..30}.pth")
     p.add_argument("--output", required=True, help="the averaged checkpoint to write")
     return p

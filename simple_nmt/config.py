@@ -3,7 +3,8 @@
 The command lines of the scripts are generated from these definitions (``simple_nmt.cli``),
 and the engines and ``build_model`` read a ``Config`` by attribute. A config built in Python
 (``Config(...)``, ``simple_nmt.cli.default_config(...)``) is validated exactly like the command
-line: a bad value, an unknown name or a misspelt one raises ``ValueError`` naming the option.
+line: a bad value raises ``ValueError`` naming the option, and so does an unknown or misspelt
+name given to ``Config.from_dict`` or ``default_config``.
 
 Each option also says where ``continue_train.py`` takes it from (``source``):
 
@@ -110,6 +111,10 @@ def check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     return value
 
 
+# names of earlier versions, and what replaces them
+REPLACED = {"use_adam": ["optimizer='adam'"], "use_radam": ["optimizer='radam'"]}
+
+
 def _lang(text: str) -> None:
     split_lang(text)
 
@@ -132,8 +137,9 @@ class Options:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
-            hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, names, 1)) else k
-                     for k in unknown]
+            hints = [f"{k} (did you mean {close[0]}?)" if (close := [*REPLACED.get(k, []),
+                                                                    *difflib.get_close_matches(k, names, 1)])
+                     else k for k in unknown]
             raise ValueError(f"unknown options: {', '.join(hints)}")
         return cls(**values)
 
@@ -150,8 +156,7 @@ class Options:
 class DeviceOptions(Options):
     """where to run"""
 
-    gpu_id: int = option(-1, "GPU to use (-1: CPU); under torchrun any value >= 0 means cuda:LOCAL_RANK",
-                         minimum=-1, source=LOCAL)
+    gpu_id: int = option(-1, "GPU to use (-1: CPU)", minimum=-1, source=LOCAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,12 +308,14 @@ _PHASE_KEYS = ("phase", "load_fn")
 
 
 def config_from_checkpoint(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of a checkpoint's stored config, as ``Config`` keys.
+    """The options of a checkpoint's stored config that a later run takes from it, as ``Config`` keys.
 
-    Drops the phase and the file it was continued from, and maps the
-    ``use_adam`` / ``use_radam`` flags of earlier versions onto ``optimizer``.
+    Drops the phase, the file it was continued from and the LOCAL options (where it ran
+    and logged: never taken from a checkpoint), and maps the ``use_adam`` / ``use_radam``
+    flags of earlier versions onto ``optimizer``.
     """
-    values = {k: v for k, v in saved.items() if k not in _PHASE_KEYS}
+    local = {f.name for f in dataclasses.fields(Config) if f.metadata["source"] == LOCAL}
+    values = {k: v for k, v in saved.items() if k not in _PHASE_KEYS and k not in local}
     use_adam, use_radam = values.pop("use_adam", False), values.pop("use_radam", False)
     if use_radam or use_adam:
         values["optimizer"] = "radam" if use_radam else "adam"

@@ -123,8 +123,8 @@ def warmed_up(toy_dir, tmp_path_factory):
     return model_fn
 
 
-@pytest.mark.parametrize("rl_warmup_steps", [0, 3])
-def test_every_rl_update_runs_at_the_rl_rate(warmed_up, tmp_path, monkeypatch, rl_warmup_steps):
+def record_rl_rates(monkeypatch) -> list[float]:
+    """The learning rate of every RL update from now on."""
     rates = []
     update = MinimumRiskTrainingEngine._update
 
@@ -133,12 +133,51 @@ def test_every_rl_update_runs_at_the_rl_rate(warmed_up, tmp_path, monkeypatch, r
         return update(engine)
 
     monkeypatch.setattr(MinimumRiskTrainingEngine, "_update", recording_update)
+    return rates
+
+
+RL = ["--rl_n_samples", "2", "--rl_lr", "1e-4", "--batch_size", "100", "--verbose", "0"]
+
+
+@pytest.mark.parametrize("rl_warmup_steps", [0, 3])
+def test_every_rl_update_runs_at_the_rl_rate(warmed_up, tmp_path, monkeypatch, rl_warmup_steps):
+    rates = record_rl_rates(monkeypatch)
     cli.main_continue(["--load_fn", str(warmed_up), "--model_fn", str(tmp_path / "rl.pth"), "--rl_n_epochs", "2",
-                       "--rl_n_samples", "2", "--rl_lr", "1e-4", "--rl_warmup_steps", str(rl_warmup_steps),
-                       "--batch_size", "100", "--verbose", "0"])
+                       "--rl_warmup_steps", str(rl_warmup_steps), *RL])
     assert len(rates) == 12  # 600 pairs in batches of 100, two epochs
     expected = [1e-4 * min(1.0, (n + 1) / rl_warmup_steps) if rl_warmup_steps else 1e-4 for n in range(12)]
     assert rates == pytest.approx(expected, rel=1e-12)
+    # resumed, the RL phase goes on at its own rate (and at a new one when --rl_lr is given)
+    del rates[:]
+    cli.main_continue(["--load_fn", str(tmp_path / "rl.epoch1.pth"), "--model_fn", str(tmp_path / "more.pth"),
+                       "--rl_n_epochs", "2", "--verbose", "0"])
+    assert rates == pytest.approx(expected[6:], rel=1e-12)
+    del rates[:]
+    cli.main_continue(["--load_fn", str(tmp_path / "rl.epoch1.pth"), "--model_fn", str(tmp_path / "new.pth"),
+                       "--rl_n_epochs", "2", "--rl_lr", "3e-5", "--verbose", "0"])
+    assert rates == pytest.approx([r * 0.3 for r in expected[6:]], rel=1e-12)
+
+
+def test_train_py_runs_rl_after_its_warmed_up_mle_at_the_rl_rate(toy_dir, tmp_path, monkeypatch):
+    rates = record_rl_rates(monkeypatch)
+    cli.main_train(train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--warmup_steps", "800",
+                              "--rl_n_epochs", "1", *RL))
+    assert rates == [1e-4] * 6
+
+
+def test_an_exact_resume_takes_a_new_rate_but_not_a_new_optimizer(warmed_up, tmp_path):
+    def last_rate(stem: str, *options: str) -> float:
+        run_script("continue_train.py", "--load_fn", str(warmed_up), "--model_fn", str(tmp_path / f"{stem}.pth"),
+                   "--n_epochs", "2", "--verbose", "0", *options)
+        return load_checkpoint(tmp_path / f"{stem}.epoch2.pth")["optimizer"]["param_groups"][0]["lr"]
+
+    # the same schedule (warm-up and step decay) goes on, scaled from the peak rate 3e-3 to 1e-3
+    assert last_rate("new", "--lr", "1e-3") == pytest.approx(last_rate("same") / 3, rel=1e-12)
+    proc = run_script("continue_train.py", "--load_fn", str(warmed_up), "--model_fn", str(tmp_path / "n.pth"),
+                      "--n_epochs", "2", "--optimizer", "sgd", "--verbose", "0", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: --optimizer sgd: the checkpoint resumes adam's state; give --reset_optimizer to start a fresh "
+        "optimizer")
 
 
 # continue_train.py: where to run and log come from its command line
@@ -176,24 +215,35 @@ def test_the_command_line_wins_over_the_checkpoint_for_the_optimizer(toy_dir, tm
 def test_a_checkpoint_of_the_earlier_config_layout_still_loads(warmed_up, tmp_path):
     # earlier versions stored --use_adam / --use_radam flags beside --optimizer, and load_fn
     old = load_checkpoint(warmed_up)
-    config = {k: v for k, v in old["meta"]["config"].items()}
+    config = {k: v for k, v in old["meta"]["config"].items() if k != "rl_warmup_steps"}
     config.update(optimizer="sgd", use_adam=True, use_radam=False, load_fn="earlier.pth")
     old["meta"]["config"] = config
+    for counter in ("n_bad_steps", "n_skipped_steps"):
+        del old["trainer"][counter]
     save_checkpoint(old, tmp_path / "old.pth")
     assert torch.load(tmp_path / "old.pth", weights_only=True)["meta"]["config"]["use_adam"]
     out = run_script("translate.py", "--model_fn", str(tmp_path / "old.pth"), stdin="a dog sees the cat\n").stdout
     assert len(out.split("\n")) == 2
     run_script("continue_train.py", "--load_fn", str(tmp_path / "old.pth"), "--model_fn", str(tmp_path / "r.pth"),
-               "--reset_optimizer", "--n_epochs", "1", "--verbose", "0")
-    stored = load_checkpoint(tmp_path / "r.pth")["meta"]["config"]
-    assert stored["optimizer"] == "adam" and "use_adam" not in stored and "load_fn" not in stored
+               "--n_epochs", "2", "--verbose", "0")  # an exact resume of its Adam
+    resumed = load_checkpoint(tmp_path / "r.epoch2.pth")
+    assert resumed["meta"]["config"]["optimizer"] == "adam" and "use_adam" not in resumed["meta"]["config"]
+    assert resumed["trainer"]["n_skipped_steps"] == 0 and resumed["trainer"]["iteration"] == 20
 
 
 def test_a_checkpoint_with_a_bad_config_value_is_a_one_line_error(warmed_up, tmp_path):
-    bad = rewrite_config(warmed_up, tmp_path / "bad.pth", rl_top_p=7.0)
-    for script, args in (("translate.py", []), ("continue_train.py", ["--load_fn", str(bad), "--rl_n_epochs", "1"])):
-        model_fn = ["--model_fn", str(bad)] if script == "translate.py" else ["--model_fn", str(tmp_path / "x.pth")]
-        proc = run_script(script, *model_fn, *args, stdin="a\n", check=False)
+    def run(script, checkpoint):
+        args = (["--model_fn", str(checkpoint)] if script == "translate.py" else
+                ["--load_fn", str(checkpoint), "--model_fn", str(tmp_path / "x.pth"), "--rl_n_epochs", "1"])
+        return run_script(script, *args, stdin="a\n", check=False)
+
+    bad_model = rewrite_config(warmed_up, tmp_path / "bad_model.pth", dropout=7.0)
+    bad_rl = rewrite_config(warmed_up, tmp_path / "bad_rl.pth", rl_top_p=7.0)
+    for script, checkpoint, option in (("translate.py", bad_model, "dropout"),
+                                       ("continue_train.py", bad_model, "dropout"),
+                                       ("continue_train.py", bad_rl, "rl_top_p")):
+        proc = run(script, checkpoint)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert proc.stderr.strip() == (f"error: {bad}: not a usable simple-nmt checkpoint: its config: "
-                                       "rl_top_p: must be <= 1.0, got 7.0")
+        assert proc.stderr.strip() == (f"error: {checkpoint}: not a usable simple-nmt checkpoint: its config: "
+                                       f"{option}: must be <= 1.0, got 7.0")
+    assert run("translate.py", bad_rl).returncode == 0  # translation reads the model's options only
