@@ -27,19 +27,30 @@ def save_checkpoint(data: Mapping[str, Any], path: str | Path) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then a rename.
 
     A process killed at any moment leaves either the old file or the new one, never a partial one.
+
+    Raises:
+        CheckpointError: the file could not be written (e.g. the disk is full); the file
+            already at ``path``, if any, is unchanged and no temporary file is left.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(data), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as RuntimeError
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+            raise CheckpointError(f"{path}: could not write the checkpoint ({detail}); "
+                                  "the file in place, if any, is unchanged") from None
         raise
 
 

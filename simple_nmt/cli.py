@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import random
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from simple_nmt.data import (
     collate,
     read_lines,
     read_parallel,
+    split_lang,
     tokenizer_from_bytes,
 )
 from simple_nmt.distributed import is_main_process, process_group, wrap_model
@@ -180,6 +182,28 @@ def continued_config(checkpoint: Mapping[str, Any], given: Mapping[str, Any], lo
     return stored.replace(**given)  # the LOCAL options were not taken from it: here they are defaults
 
 
+def check_output_path(path: str | None, option: str, is_dir: bool = False) -> None:
+    """Refuse, before any work, a path that cannot be written: a file path that is a directory
+    (or a folder path that is a file), or one under a file. Missing folders are made when written."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and p.is_dir() != is_dir:
+        raise OptionError(f"{option} {path}: is a {'file' if is_dir else 'directory'}; "
+                          f"give {'a folder' if is_dir else 'a file name'}")
+    parent = next(q for q in p.resolve().parents if q.exists())
+    if not parent.is_dir():
+        raise OptionError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{option} {path}: cannot write in {parent}")
+
+
+def check_training_outputs(config: Config) -> None:
+    """The checkpoint and TensorBoard paths of a training run, checked before it starts."""
+    check_output_path(config.model_fn, "--model_fn")
+    check_output_path(config.tensorboard_dir, "--tensorboard_dir", is_dir=True)
+
+
 def pick_device(gpu_id: int) -> torch.device:
     """``cuda:N`` for ``--gpu_id N >= 0``, else the CPU; under torchrun any N >= 0 means ``cuda:LOCAL_RANK``."""
     if gpu_id < 0:
@@ -207,9 +231,15 @@ def make_log(config: Config) -> Callable[[str], None]:
 def build_fields(config: Config, src_lines: list[str], tgt_lines: list[str]) -> tuple[TextField, TextField]:
     """Tokenizers (SentencePiece if ``--spm_vocab_size``) and vocabularies from the training text."""
     fields = []
-    for lines in (src_lines, tgt_lines):
+    for lang, lines in zip(split_lang(config.lang), (src_lines, tgt_lines)):
         if config.spm_vocab_size > 0:
-            tokenizer = SentencePieceTokenizer.train(lines, config.spm_vocab_size, seed=config.seed)
+            try:
+                tokenizer = SentencePieceTokenizer.train(lines, config.spm_vocab_size, seed=config.seed)
+            except RuntimeError as e:  # fewer pieces than the text's characters and the special pieces
+                needed = re.search(r"(\d+) vs (\d+)", str(e))
+                hint = f"it needs at least {needed.group(2)}" if needed else "it needs more pieces"
+                raise OptionError(f"--spm_vocab_size {config.spm_vocab_size}: too small for SentencePiece on "
+                                  f"{config.train}.{lang}; {hint}") from None
         else:
             tokenizer = Tokenizer()
         vocab = Vocab.build([tokenizer.encode(line) for line in lines], config.max_vocab, config.min_freq)
@@ -390,6 +420,7 @@ def main_train(argv: Sequence[str] | None = None) -> None:
     """Entry point of train.py."""
     config = Config.from_dict(vars(train_parser().parse_args(argv)))
     with reported_errors():
+        check_training_outputs(config)
         with process_group(use_gpu=config.gpu_id >= 0):
             run_training(config, None, rl_only=False)
 
@@ -402,6 +433,7 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
     with reported_errors():
         checkpoint = load_checkpoint(load_fn)
         config = continued_config(checkpoint, given, load_fn)
+        check_training_outputs(config)
         phase = checkpoint["meta"]["config"].get("phase", "mle")
         rl_only = "rl_n_epochs" in given and phase == "mle"
         resume_lr = None
@@ -472,6 +504,7 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
     """Entry point of translate.py."""
     config = TranslateOptions.from_dict(vars(translate_parser().parse_args(argv)))
     with reported_errors():
+        check_output_path(config.output, "--output")
         device = pick_device(config.gpu_id)
         checkpoint = load_checkpoint(config.model_fn, map_location=device)
         src_field, tgt_field = fields_from_checkpoint(checkpoint["meta"])
@@ -488,6 +521,7 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
         outputs = translate_lines(model, src_field, tgt_field, lines, config, device)
     text = "".join(line + "\n" for line in outputs)
     if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(text, encoding="utf-8")
         return
     try:
@@ -512,6 +546,7 @@ def main_average(argv: Sequence[str] | None = None) -> None:
     """Entry point of average_checkpoints.py."""
     config = vars(average_parser().parse_args(argv))
     with reported_errors():
+        check_output_path(config["output"], "--output")
         if any(Path(p).resolve() == Path(config["output"]).resolve() for p in config["inputs"]):
             raise OptionError(f"--output {config['output']} is one of the inputs; write the average elsewhere")
         save_checkpoint(average_checkpoints(config["inputs"]), config["output"])

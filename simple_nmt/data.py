@@ -34,13 +34,15 @@ def read_lines(path: str | Path, encoding_errors: str = "strict") -> tuple[list[
         encoding_errors: ``"strict"`` raises on bad bytes, ``"replace"`` replaces them.
 
     Returns:
-        The lines and the number of lines in which bytes were replaced.
+        The lines and the number of lines in which bytes were replaced. A UTF-8 byte-order
+        mark at the start of the file (as Windows editors write) is not part of the text.
     """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     lines, n_replaced = [], 0
     for i, line in enumerate(raw.split(b"\n"), start=1):
         try:
@@ -72,6 +74,9 @@ def read_parallel(
     tgt, n_tgt = read_lines(tgt_fn, encoding_errors)
     if not src:
         raise DataError(f"{src_fn}: file is empty")
+    for fn, lines in ((src_fn, src), (tgt_fn, tgt)):
+        if not any(line.strip() for line in lines):
+            raise DataError(f"{fn}: every line is blank; there is no text to read")
     if len(src) != len(tgt):
         raise DataError(
             f"{src_fn} has {len(src)} lines but {tgt_fn} has {len(tgt)}: "
