@@ -69,14 +69,55 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"needs {found.group(1)}" if found else "holds objects that only pickle can load"
-        raise CheckpointError(f"{path}: refused: the checkpoint {what}; only plain data is loaded") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        if found or "weights_only" in str(e):
+            what = f"needs {found.group(1)}" if found else "holds objects that only pickle can load"
+            raise CheckpointError(f"{path}: refused: the checkpoint {what}; only plain data is loaded") from None
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint (UnpicklingError)") from None
+    except Exception as e:  # a damaged archive can fail anywhere in torch's reader and unpickler
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None
-    meta = data.get("meta") if isinstance(data, dict) else None
-    if not isinstance(meta, dict) or not META_KEYS <= meta.keys() or "model" not in data:
-        raise CheckpointError(f"{path}: not a simple-nmt checkpoint (it lacks model weights or {sorted(META_KEYS)})")
+    problem = checkpoint_problem(data)
+    if problem:
+        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: {problem}")
     return data
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def checkpoint_problem(data: Any) -> str | None:
+    """What makes loaded ``data`` unusable as a checkpoint (its layout and the types it holds), or None.
+
+    The meaning of the contents (the config's values, the vocabularies' special tokens, the
+    tokenizers, the weights' shapes) is checked where they are used, by the CLI.
+    """
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}, not a dict"
+    meta = data.get("meta")
+    if not isinstance(meta, dict) or "model" not in data:
+        return f"it lacks model weights or meta data {sorted(META_KEYS)}"
+    missing = sorted(META_KEYS - meta.keys())
+    if missing:
+        return f"its meta data lacks {', '.join(missing)}"
+    if not _is_state(meta["config"]):
+        return "its config is not a dict of option names"
+    for key in ("src_vocab", "tgt_vocab"):
+        if not isinstance(meta[key], list) or not all(isinstance(token, str) for token in meta[key]):
+            return f"its {key} is not a list of strings"
+    for key in ("src_spm", "tgt_spm"):
+        if meta[key] is not None and not isinstance(meta[key], bytes):
+            return f"its {key} is neither bytes nor None"
+    model = data["model"]
+    if not _is_state(model) or not all(torch.is_tensor(v) for v in model.values()):
+        return "its model weights are not a state dict of tensors"
+    for key in ("optimizer", "scheduler", "scaler", "trainer", "best_checkpointer"):
+        if key in data and not _is_state(data[key]):
+            return f"its {key} state is not a dict"
+    trainer = data.get("trainer", {})
+    for key in ("iteration", "epoch_length"):
+        if key in trainer and (not isinstance(trainer[key], int) or trainer[key] < 0):
+            return f"its trainer state's {key} is not a count"
+    return None
 
 
 class AtomicSaver(BaseSaveHandler):

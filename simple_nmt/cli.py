@@ -17,6 +17,7 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader
 
 from simple_nmt.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
@@ -34,6 +35,7 @@ from simple_nmt.config import (
     value_type,
 )
 from simple_nmt.data import (
+    SPECIALS,
     BucketBatchSampler,
     DataError,
     ParallelDataset,
@@ -53,6 +55,7 @@ from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
 from simple_nmt.trainer import (
     MaximumLikelihoodEstimationEngine,
     NonFiniteLossError,
+    RandomState,
     TrainingInterrupted,
     attach_handlers,
     build_optimizer,
@@ -247,10 +250,22 @@ def build_fields(config: Config, src_lines: list[str], tgt_lines: list[str]) -> 
     return fields[0], fields[1]
 
 
-def fields_from_checkpoint(meta: dict[str, Any]) -> tuple[TextField, TextField]:
-    """The tokenizers and vocabularies stored in a checkpoint."""
-    return (TextField(tokenizer_from_bytes(meta["src_spm"]), Vocab(meta["src_vocab"])),
-            TextField(tokenizer_from_bytes(meta["tgt_spm"]), Vocab(meta["tgt_vocab"])))
+def fields_from_checkpoint(meta: Mapping[str, Any], path: str) -> tuple[TextField, TextField]:
+    """The tokenizers and vocabularies stored in the checkpoint read from ``path``."""
+    fields = []
+    for side in ("src", "tgt"):
+        try:
+            vocab = Vocab(meta[f"{side}_vocab"])
+        except ValueError:
+            raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its {side}_vocab does not start "
+                                  f"with the special tokens {SPECIALS}") from None
+        try:
+            tokenizer = tokenizer_from_bytes(meta[f"{side}_spm"])
+        except RuntimeError:
+            raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its {side}_spm is not a "
+                                  "SentencePiece model") from None
+        fields.append(TextField(tokenizer, vocab))
+    return fields[0], fields[1]
 
 
 class Corpus:
@@ -320,9 +335,21 @@ def fit(
     scheduler = build_scheduler(optimizer, config, updates_per_epoch, phase=engine_class.phase)
     engine = engine_class(wrap_model(model, device), optimizer, config, scheduler, device, corpus.fields[1])
 
+    # resumed in the middle of an epoch (after Ctrl-C): the epoch goes on with its next batch, and
+    # in a single process with the random state it stopped with (saved by rank 0 alone under torchrun)
+    done = resume["trainer"]["iteration"] % resume["trainer"]["epoch_length"] if resume is not None else 0
+    skip = [done] if done else []
+    random_state = [resume["rng"]] if done and "rng" in resume and idist.get_world_size() == 1 else []
+
     def on_epoch_start(epoch: int) -> None:
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=skip.pop() if skip else 0)
         torch.manual_seed((config.seed * 1000 + epoch) * idist.get_world_size() + idist.get_rank())
+
+    def on_first_iteration(_: Engine) -> None:  # after the data loader's iterator drew its seed
+        if random_state:
+            RandomState().load_state_dict(random_state.pop())
+
+    engine.add_event_handler(Events.ITERATION_STARTED, on_first_iteration)
 
     log = make_log(config)
     to_save = attach_handlers(engine, config, on_epoch_start=on_epoch_start, valid_loader=valid_loader,
@@ -357,6 +384,36 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str)
         raise CheckpointError(f"{path}: the model does not match the checkpoint's weights ({detail})") from None
 
 
+def model_for(config: Config, fields: tuple[TextField, TextField], weights: Mapping[str, torch.Tensor] | None = None,
+              path: str | None = None) -> torch.nn.Module:
+    """``build_model`` for ``config`` and the fields' vocabularies, with the ``weights`` of the checkpoint
+    read from ``path`` if given.
+
+    The weights' names and shapes are compared with the model's before it is built (on the
+    ``meta`` device, which allocates nothing), so that a damaged config cannot ask for a huge model.
+    """
+    sizes = len(fields[0].vocab), len(fields[1].vocab)
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_model(config, *sizes).state_dict().items()}
+    except (ValueError, RuntimeError) as e:  # --tie_embeddings with unequal sizes; sizes past what torch can hold
+        detail = str(e).strip().splitlines()[0] if isinstance(e, ValueError) else f"no such model can be built ({e})"
+        if weights is None:
+            raise OptionError(detail) from None
+        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its config: {detail}") from None
+    if weights is not None:
+        found = {k: tuple(v.shape) for k, v in weights.items()}
+        if found != shapes:
+            key = sorted(k for k in shapes.keys() | found.keys() if shapes.get(k) != found.get(k))[0]
+            raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its weights do not fit its config "
+                                  f"and vocabularies ({key}: {found.get(key, 'missing')}, expected "
+                                  f"{shapes.get(key, 'none')})")
+    model = build_model(config, *sizes)
+    if weights is not None:
+        load_model_weights(model, dict(weights), path)
+    return model
+
+
 def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: bool,
                  reset_optimizer: bool = False, load_fn: str | None = None, resume_lr: float | None = None) -> None:
     """Build data and model, then train.
@@ -374,14 +431,8 @@ def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: boo
     log = make_log(config)
     seed_everything(config.seed)
     device = pick_device(config.gpu_id)
-    corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"]) if checkpoint else None, log)
-    try:
-        model = build_model(config, len(corpus.fields[0].vocab), len(corpus.fields[1].vocab))
-    except ValueError as e:  # e.g. --tie_embeddings with --word_vec_size != --hidden_size
-        raise OptionError(str(e)) from None
-    if checkpoint:
-        load_model_weights(model, checkpoint["model"], load_fn)
-    model.to(device)
+    corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"], load_fn) if checkpoint else None, log)
+    model = model_for(config, corpus.fields, checkpoint["model"] if checkpoint else None, load_fn).to(device)
     resume = None if reset_optimizer else checkpoint
     if checkpoint and checkpoint["meta"]["config"].get("phase") == "rl":
         fit(MinimumRiskTrainingEngine, config, model, corpus, device, config.rl_n_epochs, resume=resume,
@@ -407,13 +458,13 @@ def _fail(message: str, code: int = 1) -> None:
 
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """User errors as one line on stderr and exit status 1; Ctrl-C (checkpoint saved) as status 130."""
+    """User errors as one line on stderr and exit status 1; Ctrl-C or SIGTERM (checkpoint saved) as 128 + signal."""
     try:
         yield
     except (DataError, CheckpointError, OptionError, NonFiniteLossError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
-        _fail(str(e), code=130)
+        _fail(str(e), code=128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 def main_train(argv: Sequence[str] | None = None) -> None:
@@ -507,11 +558,9 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
         check_output_path(config.output, "--output")
         device = pick_device(config.gpu_id)
         checkpoint = load_checkpoint(config.model_fn, map_location=device)
-        src_field, tgt_field = fields_from_checkpoint(checkpoint["meta"])
-        model = build_model(stored_model_options(checkpoint, config.model_fn), len(src_field.vocab),
-                            len(tgt_field.vocab))
-        load_model_weights(model, checkpoint["model"], config.model_fn)
-        model.to(device)
+        src_field, tgt_field = fields = fields_from_checkpoint(checkpoint["meta"], config.model_fn)
+        model = model_for(stored_model_options(checkpoint, config.model_fn), fields, checkpoint["model"],
+                          config.model_fn).to(device)
         if config.input:
             lines, _ = read_lines(config.input, "replace")
         else:

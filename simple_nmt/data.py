@@ -284,11 +284,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed = shuffle, seed
         self.num_replicas, self.rank, self.equal_shards = num_replicas, rank, equal_shards
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order to produce."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch whose order to produce, leaving out its first ``skip`` batches
+        (of this rank's share) when a run resumes in the middle of the epoch."""
+        self.epoch, self.skip = epoch, skip
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
@@ -313,7 +314,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        return iter(self._batches()[self.skip:])
 
     def __len__(self) -> int:
         return len(self._batches())

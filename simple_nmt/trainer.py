@@ -33,7 +33,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Ctrl-C stopped training after saving a resumable checkpoint (named in the message)."""
+    """Ctrl-C or SIGTERM stopped training after saving a resumable checkpoint (named in the message)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 class MaximumLikelihoodEstimationEngine(Engine):
@@ -327,6 +331,20 @@ def check_log_probs(log_probs: torch.Tensor) -> None:
         )
 
 
+class RandomState:
+    """torch's random number generators (CPU and CUDA) as checkpoint state, so that a run resumed
+    in the middle of an epoch draws the same dropout masks and samples as one never stopped."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class RunInfo:
     """The plain data a checkpoint carries beside the state dicts: config, phase, vocabularies, tokenizers."""
 
@@ -369,7 +387,7 @@ def attach_handlers(
 
     The checkpoints are complete, made from the engine itself: its model (without a
     DDP wrapper), optimizer, scheduler (a constant one is made for an engine without),
-    loss scaler and trainer state, and the config,
+    loss scaler, trainer state and random state, and the config,
     phase, vocabularies and tokenizers (``RunInfo``). ``translate.py`` translates them
     and ``continue_train.py`` resumes them.
 
@@ -389,7 +407,8 @@ def attach_handlers(
     if engine.scheduler is None:  # a constant rate, so that the checkpoints resume like the CLI's
         engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda _: 1.0)
     to_save = {"model": engine.raw_model, "optimizer": engine.optimizer, "scheduler": engine.scheduler,
-               "scaler": engine.scaler, "trainer": engine, "meta": RunInfo(config, engine.phase, *fields)}
+               "scaler": engine.scaler, "trainer": engine, "rng": RandomState(),
+               "meta": RunInfo(config, engine.phase, *fields)}
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
     for name in engine.metric_names:
         RunningAverage(output_transform=lambda out, name=name: out[name], alpha=0.98).attach(engine, name)
@@ -439,26 +458,52 @@ def run_until_done_or_interrupted(
     to_save: Mapping[str, Any],
     path: str | Path,
 ) -> None:
-    """``engine.run``; on Ctrl-C (SIGINT) finish the current iteration, save ``to_save`` to ``path``
-    (atomically, on rank 0) and raise ``TrainingInterrupted``."""
-    interrupted = []
+    """``engine.run``; on Ctrl-C (SIGINT) or SIGTERM stop at the next point where the saved state is
+    whole, save ``to_save`` to ``path`` (atomically, on rank 0) and raise ``TrainingInterrupted``.
 
-    def on_sigint(signum: int, frame: Any) -> None:
+    Those points: after an iteration that is not an epoch's last, and after an epoch's end
+    work (validation, the best and the epoch checkpoints). A signal during an epoch's last
+    iteration or its validation therefore lets that epoch finish first, so that every
+    epoch's end work runs exactly once, interrupted or not. Under torchrun the ranks stop
+    together, at the first such point after any of them got the signal.
+    """
+    interrupted: list[int] = []
+    distributed = idist.get_world_size() > 1
+
+    def on_signal(signum: int, frame: Any) -> None:
         interrupted.append(signum)
-        engine.interrupt()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    def stop_if_interrupted(engine: Engine) -> None:
+        stop = bool(interrupted)
+        if distributed:  # the ranks must stop after the same iteration
+            stop = idist.all_reduce(int(stop), op="MAX") > 0
+        if stop:
+            if not interrupted:  # another rank got the signal
+                interrupted.append(signal.SIGINT)
+            engine.interrupt()
+
+    def after_iteration(engine: Engine) -> None:
+        if engine.state.iteration % engine.state.epoch_length:  # an epoch's last one waits for its end work
+            stop_if_interrupted(engine)
+
+    handlers = [(Events.ITERATION_COMPLETED, after_iteration), (Events.EPOCH_COMPLETED, stop_if_interrupted)]
+    for event, handler in handlers:  # added last: they run after the epoch's checkpoints
+        engine.add_event_handler(event, handler)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         engine.run(data, max_epochs=max_epochs)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for event, handler in handlers:
+            engine.remove_event_handler(handler, event)
     if interrupted:
         if is_main_process():
             save_checkpoint({name: obj.state_dict() for name, obj in to_save.items()}, path)
         raise TrainingInterrupted(
-            f"interrupted at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
-            f"resumable checkpoint saved to {path} (resume with continue_train.py --load_fn {path})"
-        )
+            f"interrupted ({signal.Signals(interrupted[0]).name}) at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration}; resumable checkpoint saved to {path} "
+            f"(resume with continue_train.py --load_fn {path})", signum=interrupted[0])
 
 
 def _attach_tensorboard(engine: MaximumLikelihoodEstimationEngine, log_dir: str) -> None:

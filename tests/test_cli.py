@@ -206,7 +206,8 @@ def test_translate_refuses_bad_checkpoints_and_options(tmp_path):
     assert proc.returncode == 1 and "refused" in proc.stderr and "Traceback" not in proc.stderr
     torch.save({"model": {}, "meta": {"config": {}}}, tmp_path / "foreign.pth")
     proc = run_script("translate.py", "--model_fn", str(tmp_path / "foreign.pth"), stdin="a\n", check=False)
-    assert proc.returncode == 1 and "not a simple-nmt checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "not a usable simple-nmt checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = run_script("translate.py", "--model_fn", "x.pth", "--beam_size", "0", stdin="a\n", check=False)
     assert proc.returncode == 2 and "--beam_size: must be >= 1" in proc.stderr
 
