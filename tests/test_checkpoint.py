@@ -67,7 +67,7 @@ def test_truncated_missing_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.pth")
     torch.save({"weights": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match="not a simple-nmt checkpoint"):
+    with pytest.raises(CheckpointError, match="not a usable simple-nmt checkpoint: it lacks model weights"):
         load_checkpoint(path)
 
 
