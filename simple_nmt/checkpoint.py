@@ -17,6 +17,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from simple_nmt.distributed import is_main_process
 
 META_KEYS = {"config", "src_vocab", "tgt_vocab", "src_spm", "tgt_spm"}
+UNUSABLE = "not a usable simple-nmt checkpoint"  # how every message about a damaged checkpoint begins
 
 
 class CheckpointError(ValueError):
@@ -64,7 +65,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint (not a complete torch archive)")
+        raise CheckpointError(f"{path}: {UNUSABLE}: truncated or corrupted (not a complete torch archive)")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -72,12 +73,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if found or "weights_only" in str(e):
             what = f"needs {found.group(1)}" if found else "holds objects that only pickle can load"
             raise CheckpointError(f"{path}: refused: the checkpoint {what}; only plain data is loaded") from None
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint (UnpicklingError)") from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: truncated or corrupted (UnpicklingError)") from None
     except Exception as e:  # a damaged archive can fail anywhere in torch's reader and unpickler
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: truncated or corrupted ({type(e).__name__})") from None
     problem = checkpoint_problem(data)
     if problem:
-        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: {problem}")
+        raise CheckpointError(f"{path}: {UNUSABLE}: {problem}")
     return data
 
 

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader
 
-from simple_nmt.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
+from simple_nmt.checkpoint import UNUSABLE, CheckpointError, average_checkpoints, load_checkpoint, save_checkpoint
 from simple_nmt.config import (
     CONFIG_GROUPS,
     FIXED,
@@ -159,7 +159,7 @@ def stored_config(checkpoint: Mapping[str, Any], path: str) -> Config:
     try:
         return Config.from_dict(config_from_checkpoint(checkpoint["meta"]["config"]))
     except ValueError as e:
-        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its config: {e}") from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: its config: {e}") from None
 
 
 def stored_model_options(checkpoint: Mapping[str, Any], path: str) -> Config:
@@ -168,7 +168,7 @@ def stored_model_options(checkpoint: Mapping[str, Any], path: str) -> Config:
     try:
         return Config.from_dict({f.name: saved[f.name] for f in dataclasses.fields(ModelOptions) if f.name in saved})
     except ValueError as e:
-        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its config: {e}") from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: its config: {e}") from None
 
 
 def continued_config(checkpoint: Mapping[str, Any], given: Mapping[str, Any], load_fn: str) -> Config:
@@ -257,12 +257,12 @@ def fields_from_checkpoint(meta: Mapping[str, Any], path: str) -> tuple[TextFiel
         try:
             vocab = Vocab(meta[f"{side}_vocab"])
         except ValueError:
-            raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its {side}_vocab does not start "
+            raise CheckpointError(f"{path}: {UNUSABLE}: its {side}_vocab does not start "
                                   f"with the special tokens {SPECIALS}") from None
         try:
             tokenizer = tokenizer_from_bytes(meta[f"{side}_spm"])
         except RuntimeError:
-            raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its {side}_spm is not a "
+            raise CheckpointError(f"{path}: {UNUSABLE}: its {side}_spm is not a "
                                   "SentencePiece model") from None
         fields.append(TextField(tokenizer, vocab))
     return fields[0], fields[1]
@@ -359,8 +359,8 @@ def fit(
         try:
             engine.resume(resume, lr=resume_lr)
         except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{load_fn}: cannot resume its optimizer, schedule or trainer state "
-                                  f"({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{load_fn}: {UNUSABLE}: its optimizer, schedule or trainer state does not "
+                                  f"resume ({type(e).__name__}: {e})") from None
         if engine.state.epoch >= n_epochs:
             log(f"the checkpoint already has {engine.state.epoch} epochs; nothing to train")
             return engine
@@ -381,7 +381,7 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str)
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path}: the model does not match the checkpoint's weights ({detail})") from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: its weights do not load into the model ({detail})") from None
 
 
 def model_for(config: Config, fields: tuple[TextField, TextField], weights: Mapping[str, torch.Tensor] | None = None,
@@ -400,12 +400,12 @@ def model_for(config: Config, fields: tuple[TextField, TextField], weights: Mapp
         detail = str(e).strip().splitlines()[0] if isinstance(e, ValueError) else f"no such model can be built ({e})"
         if weights is None:
             raise OptionError(detail) from None
-        raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its config: {detail}") from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: its config: {detail}") from None
     if weights is not None:
         found = {k: tuple(v.shape) for k, v in weights.items()}
         if found != shapes:
             key = sorted(k for k in shapes.keys() | found.keys() if shapes.get(k) != found.get(k))[0]
-            raise CheckpointError(f"{path}: not a usable simple-nmt checkpoint: its weights do not fit its config "
+            raise CheckpointError(f"{path}: {UNUSABLE}: its weights do not fit its config "
                                   f"and vocabularies ({key}: {found.get(key, 'missing')}, expected "
                                   f"{shapes.get(key, 'none')})")
     model = build_model(config, *sizes)

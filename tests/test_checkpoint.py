@@ -59,10 +59,10 @@ def test_truncated_missing_and_foreign_files(tmp_path):
     save_checkpoint(plain_checkpoint(), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"m\.pth: truncated or corrupted"):
+    with pytest.raises(CheckpointError, match=r"m\.pth: not a usable simple-nmt checkpoint: truncated"):
         load_checkpoint(path)
     path.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match=r"m\.pth: truncated or corrupted"):
+    with pytest.raises(CheckpointError, match=r"m\.pth: not a usable simple-nmt checkpoint: truncated"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.pth")
