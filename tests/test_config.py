@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import TINY_TRANSFORMER, run_script
 
 from simple_nmt import cli
 from simple_nmt.checkpoint import load_checkpoint, save_checkpoint
-from simple_nmt.config import FIXED, INHERITED, LOCAL, Config, TranslateOptions, as_config
+from simple_nmt.config import FIXED, INHERITED, LOCAL, Config, TranslateOptions, as_config, value_type
 from simple_nmt.models import build_model
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, build_scheduler
@@ -247,3 +248,35 @@ def test_a_checkpoint_with_a_bad_config_value_is_a_one_line_error(warmed_up, tmp
         assert proc.stderr.strip() == (f"error: {checkpoint}: not a usable simple-nmt checkpoint: its config: "
                                        f"{option}: must be <= 1.0, got 7.0")
     assert run("translate.py", bad_rl).returncode == 0  # translation reads the model's options only
+
+
+def every_option():
+    for options in (Config, TranslateOptions):
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            yield options, f, value_type(hints[f.name])[0]
+
+
+@pytest.mark.parametrize("options,f,kind", list(every_option()), ids=lambda x: getattr(x, "name", ""))
+def test_every_option_refuses_what_it_cannot_take(options, f, kind, capsys):
+    make_parser = cli.translate_parser if options is TranslateOptions else cli.train_parser
+    bad = []
+    if kind is float:
+        bad += [float("nan"), float("inf"), -float("inf"), "0.5"]
+    if kind in (int, float) and f.metadata["minimum"] is not None:
+        bad.append(f.metadata["minimum"] - 1)
+    if kind in (int, float) and f.metadata["maximum"] is not None:
+        bad.append(f.metadata["maximum"] + 1)
+    if kind is int:
+        bad += [1.5, True]
+    if kind is bool:
+        bad += [1, "yes"]
+    if f.metadata["choices"]:
+        bad.append("no such choice")
+    for value in bad:
+        with pytest.raises(ValueError, match=f"^{f.name}: "):
+            options.from_dict({f.name: value})
+        if kind is not bool and not isinstance(value, (bool, str)):  # the same value typed on the command line
+            with pytest.raises(SystemExit):
+                make_parser().parse_args(["--model_fn", "m.pth", f"--{f.name}", str(value)])
+            assert f"argument --{f.name}: " in capsys.readouterr().err
