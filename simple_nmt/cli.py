@@ -153,20 +153,17 @@ def continue_parser() -> argparse.ArgumentParser:
     return p
 
 
-def stored_config(checkpoint: Mapping[str, Any], path: str) -> Config:
+def stored_config(checkpoint: Mapping[str, Any], path: str, options: type = Config) -> Config:
     """The ``Config`` a checkpoint was trained with (checkpoints of earlier versions included), without
-    where it ran and logged: the LOCAL options are the defaults."""
-    try:
-        return Config.from_dict(config_from_checkpoint(checkpoint["meta"]["config"]))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {UNUSABLE}: its config: {e}") from None
+    where it ran and logged: the LOCAL options are the defaults.
 
-
-def stored_model_options(checkpoint: Mapping[str, Any], path: str) -> Config:
-    """The model options of a checkpoint's config (all that translation needs), the rest defaults."""
-    saved = checkpoint["meta"]["config"]
+    Args:
+        options: the option group to take (``ModelOptions``: what translation needs); the rest are defaults.
+    """
+    names = {f.name for f in dataclasses.fields(options)}
     try:
-        return Config.from_dict({f.name: saved[f.name] for f in dataclasses.fields(ModelOptions) if f.name in saved})
+        return Config.from_dict({k: v for k, v in config_from_checkpoint(checkpoint["meta"]["config"]).items()
+                                 if k in names})
     except ValueError as e:
         raise CheckpointError(f"{path}: {UNUSABLE}: its config: {e}") from None
 
@@ -559,7 +556,7 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
         device = pick_device(config.gpu_id)
         checkpoint = load_checkpoint(config.model_fn, map_location=device)
         src_field, tgt_field = fields = fields_from_checkpoint(checkpoint["meta"], config.model_fn)
-        model = model_for(stored_model_options(checkpoint, config.model_fn), fields, checkpoint["model"],
+        model = model_for(stored_config(checkpoint, config.model_fn, ModelOptions), fields, checkpoint["model"],
                           config.model_fn).to(device)
         if config.input:
             lines, _ = read_lines(config.input, "replace")

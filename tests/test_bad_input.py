@@ -6,8 +6,9 @@ import errno
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, run_script
+from conftest import TINY_TRANSFORMER, run_main
 
+from simple_nmt import cli
 from simple_nmt.checkpoint import CheckpointError, save_checkpoint
 from simple_nmt.data import DataError, read_lines, read_parallel
 
@@ -42,7 +43,7 @@ def test_a_file_of_blank_lines_is_an_error_naming_it(tmp_path, side):
 
 
 def test_a_sentencepiece_size_it_cannot_train_is_a_one_line_error(toy_dir, tmp_path):
-    proc = run_script("train.py", "--model_fn", str(tmp_path / "m.pth"), "--train", str(toy_dir / "train"),
+    proc = run_main(cli.main_train, "--model_fn", str(tmp_path / "m.pth"), "--train", str(toy_dir / "train"),
                       "--valid", str(toy_dir / "valid"), "--spm_vocab_size", "5", *TINY_TRANSFORMER, check=False)
     one_line_error(proc, f"--spm_vocab_size 5: too small for SentencePiece on {toy_dir / 'train'}.en; "
                          "it needs at least")
@@ -50,7 +51,7 @@ def test_a_sentencepiece_size_it_cannot_train_is_a_one_line_error(toy_dir, tmp_p
 
 
 def training(toy_dir, *options):
-    return run_script("train.py", "--train", str(toy_dir / "train"), "--valid", str(toy_dir / "valid"),
+    return run_main(cli.main_train, "--train", str(toy_dir / "train"), "--valid", str(toy_dir / "valid"),
                       "--n_epochs", "1", "--verbose", "0", *TINY_TRANSFORMER, *options, check=False)
 
 
@@ -75,14 +76,14 @@ def checkpoint(toy_dir, tmp_path_factory):
 
 def test_translation_and_averaging_outputs_are_checked_first(checkpoint, tmp_path):
     (tmp_path / "a_dir").mkdir()
-    proc = run_script("translate.py", "--model_fn", str(checkpoint), "--output", str(tmp_path / "a_dir"),
-                      stdin="a\n", check=False)
+    proc = run_main(cli.main_translate, "--model_fn", str(checkpoint), "--output", str(tmp_path / "a_dir"),
+                    stdin="a\n", check=False)
     one_line_error(proc, f"--output {tmp_path / 'a_dir'}: is a directory")
-    proc = run_script("average_checkpoints.py", str(checkpoint), "--output", str(tmp_path / "a_dir"), check=False)
+    proc = run_main(cli.main_average, str(checkpoint), "--output", str(tmp_path / "a_dir"), check=False)
     one_line_error(proc, f"--output {tmp_path / 'a_dir'}: is a directory")
     # a folder that does not exist yet is made
     out = tmp_path / "new" / "folder" / "out.de"
-    run_script("translate.py", "--model_fn", str(checkpoint), "--output", str(out), stdin="a dog\n")
+    run_main(cli.main_translate, "--model_fn", str(checkpoint), "--output", str(out), stdin="a dog\n")
     assert len(out.read_text().splitlines()) == 1
 
 

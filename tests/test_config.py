@@ -9,7 +9,7 @@ import typing
 
 import pytest
 import torch
-from conftest import TINY_TRANSFORMER, run_script
+from conftest import TINY_TRANSFORMER, run_main, run_script
 
 from simple_nmt import cli
 from simple_nmt.checkpoint import load_checkpoint, save_checkpoint
@@ -168,14 +168,14 @@ def test_train_py_runs_rl_after_its_warmed_up_mle_at_the_rl_rate(toy_dir, tmp_pa
 
 def test_an_exact_resume_takes_a_new_rate_but_not_a_new_optimizer(warmed_up, tmp_path):
     def last_rate(stem: str, *options: str) -> float:
-        run_script("continue_train.py", "--load_fn", str(warmed_up), "--model_fn", str(tmp_path / f"{stem}.pth"),
-                   "--n_epochs", "2", "--verbose", "0", *options)
+        run_main(cli.main_continue, "--load_fn", str(warmed_up), "--model_fn", str(tmp_path / f"{stem}.pth"),
+                 "--n_epochs", "2", "--verbose", "0", *options)
         return load_checkpoint(tmp_path / f"{stem}.epoch2.pth")["optimizer"]["param_groups"][0]["lr"]
 
     # the same schedule (warm-up and step decay) goes on, scaled from the peak rate 3e-3 to 1e-3
     assert last_rate("new", "--lr", "1e-3") == pytest.approx(last_rate("same") / 3, rel=1e-12)
-    proc = run_script("continue_train.py", "--load_fn", str(warmed_up), "--model_fn", str(tmp_path / "n.pth"),
-                      "--n_epochs", "2", "--optimizer", "sgd", "--verbose", "0", check=False)
+    proc = run_main(cli.main_continue, "--load_fn", str(warmed_up), "--model_fn", str(tmp_path / "n.pth"),
+                    "--n_epochs", "2", "--optimizer", "sgd", "--verbose", "0", check=False)
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: --optimizer sgd: the checkpoint resumes adam's state; give --reset_optimizer to start a fresh "
         "optimizer")
@@ -194,8 +194,8 @@ def rewrite_config(path, out, **changes):
 def test_continue_train_does_not_inherit_where_to_run_and_log(warmed_up, tmp_path):
     tb = tmp_path / "tb_of_the_first_run"
     gpu_trained = rewrite_config(warmed_up, tmp_path / "gpu.pth", gpu_id=0, verbose=0, tensorboard_dir=str(tb))
-    proc = run_script("continue_train.py", "--load_fn", str(gpu_trained), "--model_fn", str(tmp_path / "rl.pth"),
-                      "--rl_n_epochs", "1", "--rl_n_samples", "2", "--batch_size", "100")
+    proc = run_main(cli.main_continue, "--load_fn", str(gpu_trained), "--model_fn", str(tmp_path / "rl.pth"),
+                    "--rl_n_epochs", "1", "--rl_n_samples", "2", "--batch_size", "100")
     assert "epoch 1: loss=" in proc.stdout  # --verbose 2, the default, not the checkpoint's 0
     assert "it/s" in proc.stderr or "%|" in proc.stderr  # and its progress bar
     assert not tb.exists()
@@ -204,10 +204,10 @@ def test_continue_train_does_not_inherit_where_to_run_and_log(warmed_up, tmp_pat
 
 
 def test_the_command_line_wins_over_the_checkpoint_for_the_optimizer(toy_dir, tmp_path):
-    run_script("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--use_adam"))
+    run_main(cli.main_train, *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--use_adam"))
     assert load_checkpoint(tmp_path / "m.pth")["meta"]["config"]["optimizer"] == "adam"
-    run_script("continue_train.py", "--load_fn", str(tmp_path / "m.pth"), "--model_fn", str(tmp_path / "w.pth"),
-               "--reset_optimizer", "--optimizer", "adamw", "--n_epochs", "1", "--verbose", "0")
+    run_main(cli.main_continue, "--load_fn", str(tmp_path / "m.pth"), "--model_fn", str(tmp_path / "w.pth"),
+             "--reset_optimizer", "--optimizer", "adamw", "--n_epochs", "1", "--verbose", "0")
     checkpoint = load_checkpoint(tmp_path / "w.pth")
     assert checkpoint["meta"]["config"]["optimizer"] == "adamw"
     assert checkpoint["optimizer"]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's; Adam's is 0
@@ -223,10 +223,10 @@ def test_a_checkpoint_of_the_earlier_config_layout_still_loads(warmed_up, tmp_pa
         del old["trainer"][counter]
     save_checkpoint(old, tmp_path / "old.pth")
     assert torch.load(tmp_path / "old.pth", weights_only=True)["meta"]["config"]["use_adam"]
-    out = run_script("translate.py", "--model_fn", str(tmp_path / "old.pth"), stdin="a dog sees the cat\n").stdout
+    out = run_main(cli.main_translate, "--model_fn", str(tmp_path / "old.pth"), stdin="a dog sees the cat\n").stdout
     assert len(out.split("\n")) == 2
-    run_script("continue_train.py", "--load_fn", str(tmp_path / "old.pth"), "--model_fn", str(tmp_path / "r.pth"),
-               "--n_epochs", "2", "--verbose", "0")  # an exact resume of its Adam
+    run_main(cli.main_continue, "--load_fn", str(tmp_path / "old.pth"), "--model_fn", str(tmp_path / "r.pth"),
+             "--n_epochs", "2", "--verbose", "0")  # an exact resume of its Adam
     resumed = load_checkpoint(tmp_path / "r.epoch2.pth")
     assert resumed["meta"]["config"]["optimizer"] == "adam" and "use_adam" not in resumed["meta"]["config"]
     assert resumed["trainer"]["n_skipped_steps"] == 0 and resumed["trainer"]["iteration"] == 20
@@ -234,9 +234,10 @@ def test_a_checkpoint_of_the_earlier_config_layout_still_loads(warmed_up, tmp_pa
 
 def test_a_checkpoint_with_a_bad_config_value_is_a_one_line_error(warmed_up, tmp_path):
     def run(script, checkpoint):
-        args = (["--model_fn", str(checkpoint)] if script == "translate.py" else
-                ["--load_fn", str(checkpoint), "--model_fn", str(tmp_path / "x.pth"), "--rl_n_epochs", "1"])
-        return run_script(script, *args, stdin="a\n", check=False)
+        if script == "translate.py":
+            return run_main(cli.main_translate, "--model_fn", str(checkpoint), stdin="a\n", check=False)
+        return run_main(cli.main_continue, "--load_fn", str(checkpoint), "--model_fn", str(tmp_path / "x.pth"),
+                        "--rl_n_epochs", "1", check=False)
 
     bad_model = rewrite_config(warmed_up, tmp_path / "bad_model.pth", dropout=7.0)
     bad_rl = rewrite_config(warmed_up, tmp_path / "bad_rl.pth", rl_top_p=7.0)

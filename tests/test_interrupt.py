@@ -68,10 +68,15 @@ def test_interrupted_anywhere_and_resumed_equals_uninterrupted(toy_dir, mle_star
     moments = Moments(monkeypatch)
     epochs = "--rl_n_epochs" if phase == "rl" else "--n_epochs"
 
+    rl_data = tmp_path / "rl_train"  # RL on half the pairs, in batches of 100: three an epoch too
+    for lang in ("en", "de"):
+        lines = (toy_dir / f"train.{lang}").read_text().splitlines()[:300]
+        rl_data.with_suffix(f".{lang}").write_text("\n".join(lines) + "\n")
+
     def start(model_fn):
         if phase == "rl":
             cli.main_continue(["--load_fn", str(mle_start), "--model_fn", str(model_fn), *options(toy_dir),
-                               epochs, str(N_EPOCHS)])
+                               "--train", str(rl_data), "--batch_size", "100", epochs, str(N_EPOCHS)])
         else:
             cli.main_train(["--model_fn", str(model_fn), *options(toy_dir), *TINY_SEQ2SEQ, epochs, str(N_EPOCHS)])
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, run_main
 from torch.utils.data import DataLoader
 
+from simple_nmt import cli
 from simple_nmt.checkpoint import load_checkpoint
 from simple_nmt.cli import default_config
 from simple_nmt.data import ParallelDataset, TextField, Tokenizer, Vocab, collate, read_parallel
@@ -42,10 +43,10 @@ def test_handlers_write_checkpoints_that_the_scripts_resume_and_translate(toy_di
     engine.run(train, max_epochs=1)
     checkpoint = load_checkpoint(tmp_path / "mine.epoch1.pth")
     assert {"model", "optimizer", "scheduler", "scaler", "trainer", "meta"} <= checkpoint.keys()
-    proc = run_script("continue_train.py", "--load_fn", str(tmp_path / "mine.epoch1.pth"), "--model_fn",
-                      str(tmp_path / "more.pth"), "--n_epochs", "2", "--verbose", "1")
+    proc = run_main(cli.main_continue, "--load_fn", str(tmp_path / "mine.epoch1.pth"), "--model_fn",
+                    str(tmp_path / "more.pth"), "--n_epochs", "2", "--verbose", "1")
     assert "epoch 2: loss=" in proc.stdout and "epoch 1:" not in proc.stdout
-    out = run_script("translate.py", "--model_fn", str(tmp_path / "more.pth"), stdin="a dog sees the cat\n").stdout
+    out = run_main(cli.main_translate, "--model_fn", str(tmp_path / "more.pth"), stdin="a dog sees the cat\n").stdout
     assert len(out.split("\n")) == 2
 
 
