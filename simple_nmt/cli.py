@@ -381,31 +381,43 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str)
         raise CheckpointError(f"{path}: {UNUSABLE}: its weights do not load into the model ({detail})") from None
 
 
+def check_weights_fit(config: Config, fields: tuple[TextField, TextField], weights: Mapping[str, torch.Tensor],
+                      path: str) -> None:
+    """Refuse the weights of the checkpoint read from ``path`` unless their names and shapes are the model's.
+
+    The model is built on the ``meta`` device, which allocates nothing, so that a damaged
+    config cannot ask for a huge model.
+    """
+    shapes = {k: tuple(v.shape) for k, v in meta_model(config, fields, path).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if found != shapes:
+        key = sorted(k for k in shapes.keys() | found.keys() if shapes.get(k) != found.get(k))[0]
+        raise CheckpointError(f"{path}: {UNUSABLE}: its weights do not fit its config and vocabularies "
+                              f"({key}: {found.get(key, 'missing')}, expected {shapes.get(key, 'none')})")
+
+
+def meta_model(config: Config, fields: tuple[TextField, TextField], path: str | None = None) -> torch.nn.Module:
+    """The model of ``config`` on the ``meta`` device (shapes only); a config it cannot be built from is an
+    ``OptionError``, or a ``CheckpointError`` when it comes from the checkpoint ``path``."""
+    try:
+        with torch.device("meta"):
+            return build_model(config, len(fields[0].vocab), len(fields[1].vocab))
+    except (ValueError, RuntimeError) as e:  # --tie_embeddings with unequal sizes; sizes past what torch can hold
+        detail = str(e).strip().splitlines()[0] if isinstance(e, ValueError) else f"no such model can be built ({e})"
+        if path is None:
+            raise OptionError(detail) from None
+        raise CheckpointError(f"{path}: {UNUSABLE}: its config: {detail}") from None
+
+
 def model_for(config: Config, fields: tuple[TextField, TextField], weights: Mapping[str, torch.Tensor] | None = None,
               path: str | None = None) -> torch.nn.Module:
     """``build_model`` for ``config`` and the fields' vocabularies, with the ``weights`` of the checkpoint
-    read from ``path`` if given.
-
-    The weights' names and shapes are compared with the model's before it is built (on the
-    ``meta`` device, which allocates nothing), so that a damaged config cannot ask for a huge model.
-    """
-    sizes = len(fields[0].vocab), len(fields[1].vocab)
-    try:
-        with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in build_model(config, *sizes).state_dict().items()}
-    except (ValueError, RuntimeError) as e:  # --tie_embeddings with unequal sizes; sizes past what torch can hold
-        detail = str(e).strip().splitlines()[0] if isinstance(e, ValueError) else f"no such model can be built ({e})"
-        if weights is None:
-            raise OptionError(detail) from None
-        raise CheckpointError(f"{path}: {UNUSABLE}: its config: {detail}") from None
-    if weights is not None:
-        found = {k: tuple(v.shape) for k, v in weights.items()}
-        if found != shapes:
-            key = sorted(k for k in shapes.keys() | found.keys() if shapes.get(k) != found.get(k))[0]
-            raise CheckpointError(f"{path}: {UNUSABLE}: its weights do not fit its config "
-                                  f"and vocabularies ({key}: {found.get(key, 'missing')}, expected "
-                                  f"{shapes.get(key, 'none')})")
-    model = build_model(config, *sizes)
+    read from ``path`` if given (checked first by ``check_weights_fit``)."""
+    if weights is None:
+        meta_model(config, fields)
+    else:
+        check_weights_fit(config, fields, weights, path)
+    model = build_model(config, len(fields[0].vocab), len(fields[1].vocab))
     if weights is not None:
         load_model_weights(model, dict(weights), path)
     return model
@@ -593,6 +605,10 @@ def main_average(argv: Sequence[str] | None = None) -> None:
     config = vars(average_parser().parse_args(argv))
     with reported_errors():
         check_output_path(config["output"], "--output")
+        for path in config["inputs"]:  # each must be one that translates: the same checks as translate.py's
+            checkpoint = load_checkpoint(path)
+            check_weights_fit(stored_config(checkpoint, path, ModelOptions),
+                              fields_from_checkpoint(checkpoint["meta"], path), checkpoint["model"], path)
         if any(Path(p).resolve() == Path(config["output"]).resolve() for p in config["inputs"]):
             raise OptionError(f"--output {config['output']} is one of the inputs; write the average elsewhere")
         save_checkpoint(average_checkpoints(config["inputs"]), config["output"])

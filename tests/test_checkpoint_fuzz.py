@@ -132,3 +132,7 @@ def test_each_kind_of_damage_is_named(real, tmp_path, capsys, edit, message):
         cli.main_translate(["--model_fn", str(path), "--input", str(source)])
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: not a usable simple-nmt checkpoint: ") and message in err, err
+    # averaging refuses it alike, before writing anything
+    assert outcome(cli.main_average, [str(model_fn), str(path), "--output", str(tmp_path / "avg.pth")], path,
+                   capsys) == "refused"
+    assert not (tmp_path / "avg.pth").exists()
