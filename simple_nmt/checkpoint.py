@@ -114,10 +114,13 @@ def checkpoint_problem(data: Any) -> str | None:
     for key in ("optimizer", "scheduler", "scaler", "trainer", "best_checkpointer"):
         if key in data and not _is_state(data[key]):
             return f"its {key} state is not a dict"
-    trainer = data.get("trainer", {})
-    for key in ("iteration", "epoch_length"):
-        if key in trainer and (not isinstance(trainer[key], int) or trainer[key] < 0):
-            return f"its trainer state's {key} is not a count"
+    if "trainer" in data:  # ignite's state: the epoch length and the iteration (or epoch) reached
+        trainer = data["trainer"]
+        if not isinstance(trainer.get("epoch_length"), int) or trainer["epoch_length"] < 1:
+            return "its trainer state has no epoch length"
+        counts = [trainer[k] for k in ("iteration", "epoch") if k in trainer]
+        if not counts or not all(isinstance(n, int) and n >= 0 for n in counts):
+            return "its trainer state has no iteration or epoch count"
     return None
 
 

@@ -334,7 +334,7 @@ def fit(
 
     # resumed in the middle of an epoch (after Ctrl-C): the epoch goes on with its next batch, and
     # in a single process with the random state it stopped with (saved by rank 0 alone under torchrun)
-    done = resume["trainer"]["iteration"] % resume["trainer"]["epoch_length"] if resume is not None else 0
+    done = resume["trainer"].get("iteration", 0) % resume["trainer"]["epoch_length"] if resume is not None else 0
     skip = [done] if done else []
     random_state = [resume["rng"]] if done and "rng" in resume and idist.get_world_size() == 1 else []
 

@@ -119,6 +119,8 @@ def test_removed_and_retyped_entries(real, tmp_path, capsys):
     (lambda c: c["meta"].update(tgt_spm=b"not a model"), "its tgt_spm is not a SentencePiece model"),
     (lambda c: c.update(model=[1, 2]), "its model weights are not a state dict of tensors"),
     (lambda c: c["meta"]["config"].update(dropout="high"), "its config: dropout: must be a number"),
+    (lambda c: c["trainer"].pop("iteration"), "its trainer state has no iteration or epoch count"),
+    (lambda c: c["trainer"].update(epoch_length=0), "its trainer state has no epoch length"),
 ])
 def test_each_kind_of_damage_is_named(real, tmp_path, capsys, edit, message):
     model_fn, source = real
