@@ -21,7 +21,7 @@ def plain_checkpoint() -> dict:
         "model": {"w": torch.arange(6.0).view(2, 3)},
         "meta": {"config": {"hidden_size": 8, "lr": None}, "src_vocab": ["<pad>", "a"], "tgt_vocab": ["<pad>"],
                  "src_spm": b"\x00model", "tgt_spm": None},
-        "trainer": {"epoch": 2, "iteration": 10},
+        "trainer": {"epoch_length": 5, "iteration": 10, "max_epochs": 2},
     }
 
 
