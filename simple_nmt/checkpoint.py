@@ -7,7 +7,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,8 @@ class AtomicSaver(BaseSaveHandler):
         self._pending.append(filename)
 
 
-def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
+def average_checkpoints(paths: list[str | Path],
+                        check: Callable[[dict[str, Any], str | Path], None] | None = None) -> dict[str, Any]:
     """Average the model weights of checkpoints of one run (e.g. its last epochs).
 
     Returns a checkpoint that holds only the mean weights and the first file's meta, plus
@@ -164,9 +165,13 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
     if not paths:
         raise CheckpointError("no checkpoints to average")
     first = load_checkpoint(paths[0])
+    if check is not None:
+        check(first, paths[0])
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:
         other = load_checkpoint(path)
+        if check is not None:
+            check(other, path)
         for key in sorted(META_KEYS - {"config"}):  # the vocabularies and tokenizers
             if other["meta"][key] != first["meta"][key]:
                 raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s; average checkpoints of one run")

@@ -396,6 +396,13 @@ def check_weights_fit(config: Config, fields: tuple[TextField, TextField], weigh
                               f"({key}: {found.get(key, 'missing')}, expected {shapes.get(key, 'none')})")
 
 
+def check_translatable(checkpoint: Mapping[str, Any], path: str) -> None:
+    """Refuse a checkpoint that translate.py would refuse: its vocabularies, tokenizers and model options,
+    and its weights against them."""
+    check_weights_fit(stored_config(checkpoint, path, ModelOptions), fields_from_checkpoint(checkpoint["meta"], path),
+                      checkpoint["model"], path)
+
+
 def meta_model(config: Config, fields: tuple[TextField, TextField], path: str | None = None) -> torch.nn.Module:
     """The model of ``config`` on the ``meta`` device (shapes only); a config it cannot be built from is an
     ``OptionError``, or a ``CheckpointError`` when it comes from the checkpoint ``path``."""
@@ -605,11 +612,7 @@ def main_average(argv: Sequence[str] | None = None) -> None:
     config = vars(average_parser().parse_args(argv))
     with reported_errors():
         check_output_path(config["output"], "--output")
-        for path in config["inputs"]:  # each must be one that translates: the same checks as translate.py's
-            checkpoint = load_checkpoint(path)
-            check_weights_fit(stored_config(checkpoint, path, ModelOptions),
-                              fields_from_checkpoint(checkpoint["meta"], path), checkpoint["model"], path)
         if any(Path(p).resolve() == Path(config["output"]).resolve() for p in config["inputs"]):
             raise OptionError(f"--output {config['output']} is one of the inputs; write the average elsewhere")
-        save_checkpoint(average_checkpoints(config["inputs"]), config["output"])
+        save_checkpoint(average_checkpoints(config["inputs"], check=check_translatable), config["output"])
     print(f"{config['output']}: the average of {len(config['inputs'])} checkpoints")
