@@ -1,85 +1,212 @@
-"""Decoding speed: greedy, sampling and beam 5, with the Transformer's key/value cache and without.
+"""Decoding speed against its limit: greedy, sampling and beam 5, per precision, and against an earlier version.
 
-    python benchmarks/bench_decoding.py [--device cuda] [--length 50] [--batch_size 64]
+    python benchmarks/bench_decoding.py [--device cuda] [--precisions fp32,bf16] [--before REF]
+                                        [--length 40] [--batch_size 64] [--n_samples 5] [--repeat 5]
 
-Tokens/s of output for both models at batch size 64 and output length 50
-(untrained models, so every output runs to the length limit). The no-cache
-Transformer is the same model whose step re-runs the decoder over the whole
-prefix, as a decoder without a cache must (cross-attention keys/values of the
-encoder output stay precomputed in both).
+For both models (the sizes of ``common.py``, untrained, so that every output runs to
+``--length`` tokens), each method decodes ``--batch_size`` sources of 20 tokens;
+sampling draws ``--n_samples`` outputs per source, beam search keeps 5 hypotheses.
+The table gives the decoding time and its matrix-product time: every product of the
+model's linear layers (and LSTM gates) during that decoding, recorded by hooks and
+replayed alone, at the same shapes, under the same precision. That is the limit a
+decoding loop could reach without computing less; the ratio says how far the loop is
+from it. The no-cache Transformer is the same model whose step re-runs the decoder over
+the whole prefix, as a decoder without a cache must.
+
+``--before REF`` measures the same rows with the project's code at git revision REF
+(checked out into a temporary worktree) in the same run, alternating with the current
+code, and adds the speed-up. Each measurement runs in a process of its own; times are
+medians of ``--repeat`` runs after a warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import best_time, machine, table  # noqa: E402
-
-from simple_nmt.models import Seq2Seq, Transformer  # noqa: E402
-
-VOCAB = 8000
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("greedy", "sampling", "beam 5")
+NAMES = ("transformer", "transformer (no cache)", "seq2seq")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-class NoCacheTransformer(Transformer):
-    """The same Transformer, decoding without a self-attention key/value cache."""
+def worker(args: argparse.Namespace) -> dict:
+    """Measure one (model, method, precision) with the code on sys.path; the numbers as a dict."""
+    import torch
+    import torch.nn.functional as F
 
-    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict:
-        state = super().encode(src, src_lengths)
-        return dict(state, prefix=src.new_zeros(src.size(0), 0))
+    from simple_nmt.models import Seq2Seq, Transformer
 
-    def decode_step(self, y_prev: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
-        prefix = torch.cat([state["prefix"], y_prev[:, None]], dim=1)  # |prefix| = (batch_size, t)
-        h, _ = self._run_decoder(self._embed(self.tgt_emb, prefix), state, causal=True)  # state's cache stays empty
-        return self.generator(h[:, -1]).float().log_softmax(dim=-1), dict(state, prefix=prefix)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import MODELS, VOCAB  # noqa: E402
 
+    class NoCacheTransformer(Transformer):
+        """The same Transformer, decoding without a self-attention key/value cache."""
 
-def build(name: str) -> torch.nn.Module:
+        def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict:
+            state = super().encode(src, src_lengths)
+            return dict(state, prefix=src.new_zeros(src.size(0), 0))
+
+        def decode_step(self, y_prev: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
+            prefix = torch.cat([state["prefix"], y_prev[:, None]], dim=1)  # |prefix| = (batch_size, t)
+            h, _ = self._run_decoder(self._embed(self.tgt_emb, prefix), state, causal=True)  # cache stays empty
+            return self.generator(h[:, -1]).float().log_softmax(dim=-1), dict(state, prefix=prefix)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    if name == "seq2seq":
-        return Seq2Seq(VOCAB, VOCAB, word_vec_size=256, hidden_size=512, n_layers=2, dropout=0.1)
-    cls = NoCacheTransformer if name == "transformer (no cache)" else Transformer
-    return cls(VOCAB, VOCAB, hidden_size=256, n_splits=4, n_layers=3, dropout=0.1)
+    sizes = {k: v for k, v in MODELS[args.model.split(" ")[0]].items() if k != "use_transformer"}
+    if args.model == "seq2seq":
+        model = Seq2Seq(VOCAB, VOCAB, **sizes)
+    else:
+        model = (NoCacheTransformer if "no cache" in args.model else Transformer)(VOCAB, VOCAB, **sizes)
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, VOCAB, (args.batch_size, 20), generator=g).to(device)
+    lengths = torch.full((args.batch_size,), 20, device=device)
+    dtype = getattr(torch, DTYPES[args.precision]) if args.precision in DTYPES else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def decode() -> None:
+        with autocast():
+            if args.method == "greedy":
+                model.search(src, lengths, max_length=args.length)
+            elif args.method == "sampling":
+                model.search(src, lengths, is_greedy=False, max_length=args.length, n_samples=args.n_samples)
+            else:
+                model.batch_beam_search(src, lengths, beam_size=5, max_length=args.length)
+
+    # the products of one decoding: (input rows, weight) of every linear layer and LSTM gate
+    products: list[tuple[int, torch.Tensor]] = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(module, torch.nn.Linear):
+            products.append((inputs[0].numel() // inputs[0].size(-1), module.weight))
+            return
+        x = inputs[0].data if hasattr(inputs[0], "batch_sizes") else inputs[0]  # packed sequences
+        rows = x.numel() // x.size(-1)
+        for name, weight in module.named_parameters():
+            if name.startswith("weight_"):
+                products.append((rows, weight))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (torch.nn.Linear,
+                                                                                           torch.nn.LSTM))]
+    with torch.no_grad():
+        decode()
+    for h in hooks:
+        h.remove()
+    inputs = [(torch.randn(rows, w.size(1), device=device), w) for rows, w in products]
+
+    def products_alone() -> None:
+        with autocast():
+            for x, w in inputs:
+                F.linear(x, w)
+
+    def median_time(fn) -> float:
+        fn()
+        times = []
+        for _ in range(args.repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    flops = sum(2 * x.numel() * w.size(0) for x, w in inputs)
+    return {"seconds": median_time(decode), "matmul_seconds": median_time(products_alone), "gflop": flops / 1e9}
+
+
+def measure(args: argparse.Namespace, code: Path, model: str, method: str, precision: str) -> dict:
+    command = [sys.executable, __file__, "--worker", "--code", str(code), "--model", model, "--method", method,
+               "--precision", precision, "--device", args.device, "--length", str(args.length), "--batch_size",
+               str(args.batch_size), "--n_samples", str(args.n_samples), "--repeat", str(args.repeat),
+               "--threads", str(args.threads)]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{model}, {method}, {precision} ({code}): {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def checkout(ref: str | None):
+    """A worktree of the project at ``ref`` (None: nothing)."""
+    if ref is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True,
+                       capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--length", type=int, default=50)
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    p.add_argument("--before", default=None, help="git revision to measure beside the current code")
+    p.add_argument("--models", default=",".join(NAMES), help="comma-separated, of: " + ", ".join(NAMES))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
+    p.add_argument("--length", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--n_samples", type=int, default=5, help="samples per source (sampling)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--precision", help=argparse.SUPPRESS)
     args = p.parse_args()
-    device = torch.device(args.device)
-    g = torch.Generator().manual_seed(1)
-    src = torch.randint(4, VOCAB, (args.batch_size, 20), generator=g).to(device)
-    lengths = torch.full((args.batch_size,), 20, device=device)
-    rows, speed = [], {}
-    for name in ("transformer", "transformer (no cache)", "seq2seq"):
-        model = build(name).to(device).eval()
-        runs = {
-            "greedy": lambda m=model: m.search(src, lengths, max_length=args.length),
-            "sampling": lambda m=model: m.search(src, lengths, is_greedy=False, max_length=args.length),
-            "beam 5": lambda m=model: m.batch_beam_search(src, lengths, beam_size=5, max_length=args.length),
-        }
-        for method, fn in runs.items():
-            seconds = best_time(fn, args.repeat, device)
-            speed[name, method] = args.batch_size * args.length / seconds
-            rows.append([name, method, f"{seconds:.3f}", f"{speed[name, method]:.0f}"])
-    for method in ("greedy", "sampling", "beam 5"):
-        ratio = speed["transformer", method] / speed["transformer (no cache)", method]
-        rows.append(["transformer cache / no cache", method, "", f"{ratio:.1f}x"])
-    print(f"# decoding on {args.device}: {machine(device)}; batch {args.batch_size}, output length {args.length}, "
-          f"vocabulary {VOCAB}")
-    print(table(["model", "method", "seconds", "output tokens/s"], rows))
-    ratio = speed["transformer", "greedy"] / speed["transformer (no cache)", "greedy"]
-    print(f"headline: the key/value cache makes greedy Transformer decoding {ratio:.1f}x faster at length "
-          f"{args.length} ({args.device})")
+    if args.worker:
+        sys.path.insert(0, args.code)
+        print(json.dumps(worker(args)))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from common import machine, table  # noqa: E402
+
+    torch.set_num_threads(args.threads)  # as in the workers, for the header
+    headers = ["model", "method", "precision", "GFLOP", "seconds", "matmul seconds", "decode / matmul",
+               "sources/s"]
+    if args.before:
+        headers += [f"seconds at {args.before}", "speed-up"]
+    rows = []
+    with checkout(args.before) as before:
+        for model in args.models.split(","):
+            for method in args.methods.split(","):
+                for precision in args.precisions.split(","):
+                    if before is not None and len(rows) % 2:  # alternate which version runs first
+                        old = measure(args, before, model, method, precision)
+                    now = measure(args, ROOT, model, method, precision)
+                    if before is not None and not len(rows) % 2:
+                        old = measure(args, before, model, method, precision)
+                    row = [model, method, precision, f"{now['gflop']:.1f}", f"{now['seconds']:.3f}",
+                           f"{now['matmul_seconds']:.3f}", f"{now['seconds'] / now['matmul_seconds']:.2f}x",
+                           f"{args.batch_size / now['seconds']:.1f}"]
+                    if before is not None:
+                        row += [f"{old['seconds']:.3f}", f"{old['seconds'] / now['seconds']:.2f}x"]
+                    rows.append(row)
+                    print(table(headers, [row]).splitlines()[-1], flush=True)
+    print(f"\n# decoding on {args.device}: {machine(torch.device(args.device))}; "
+          f"batch {args.batch_size}, output length {args.length}, {args.n_samples} samples per source")
+    print(table(headers, rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""One RL step: the library's engine against the classic way, same model, same batch.
+"""One RL step: the library's engine against the classic way and the original toolkit, on the same batch.
 
-    python benchmarks/bench_rl_step.py [--device cuda] [--steps 3]
+    python benchmarks/bench_rl_step.py [--device cuda] [--steps 3] [--precisions fp32,bf16]
+                                       [--classic_dir DIR]
     python benchmarks/bench_rl_step.py --memory_budget_mb 1024 --steps 1 [--device cuda]
 
 The classic step (written here as the reference) samples the actor with the
@@ -18,6 +19,19 @@ Untrained models rarely emit EOS, so by default every sample runs to
 so that a sample ends with probability about 1/N at each step, as a trained
 model's samples end at different lengths; the table gives the mean number of
 tokens before EOS of the engine's samples.
+
+``--classic_dir DIR`` adds the original classic simple-nmt toolkit (a checkout of
+github.com/kh-kim/simple-nmt in DIR): its own ``Transformer`` / ``Seq2Seq`` classes at
+the sizes of ``common.py`` and its own ``MinimumRiskTrainingEngine.train`` step, imported
+from DIR in a process of their own, on a batch of the same shapes (its special ids:
+PAD 1, BOS 2, EOS 3), GLEU reward as here, SGD. What the harness changes around it:
+``torchtext``, which the toolkit's ``data_loader`` imports for its data pipeline (not
+used by the step, and not installable beside current torch), is replaced by an empty
+stand-in module; the step reads ``engine.model`` / ``optimizer`` / ``config`` /
+``state.iteration`` and a mini-batch with ``src`` / ``tgt`` = (ids, lengths), which the
+harness provides as plain objects. The ratios are then taken against it.
+
+``--precisions`` measures the engine's step under each ``--precision`` (fp32 first).
 
 ``--memory_budget_mb N`` instead finds, for each method, the largest batch (K=4)
 whose steps fit in N MiB beyond the set-up (first steps' lazy allocations, such
@@ -44,10 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import MODELS, VOCAB, is_out_of_memory, limit_memory, machine, peak_rss_mb, table  # noqa: E402
 
-from simple_nmt.cli import default_config  # noqa: E402
-from simple_nmt.data import BOS, EOS, PAD  # noqa: E402
-from simple_nmt.models import build_model  # noqa: E402
-from simple_nmt.rl_trainer import MinimumRiskTrainingEngine, strip_eos  # noqa: E402
+# the project's modules are imported in the workers that use them: the original toolkit's
+# worker imports a package of the same name, simple_nmt, from --classic_dir
 
 SENTENCE_LENGTH = 20  # tokens of every source and reference (EOS aside)
 BATCH_STEP = 8  # --memory_budget_mb finds the largest batch to within this many sources
@@ -60,6 +72,9 @@ def current_rss_mb() -> float:
 
 def classic_step(model, optimizer, batch, n_samples: int, max_length: int) -> None:
     """The reference: graph through the sampling loop, K sequential passes, a Python reward loop."""
+    from simple_nmt.data import BOS, EOS, PAD
+    from simple_nmt.rl_trainer import strip_eos
+
     src, src_lengths, refs = batch["src"], batch["src_lengths"], batch["tgt"][:, 1:]
     state = model.encode(src, src_lengths)
     y = torch.full((src.size(0),), BOS, dtype=torch.long, device=src.device)
@@ -92,12 +107,61 @@ def classic_step(model, optimizer, batch, n_samples: int, max_length: int) -> No
     optimizer.step()
 
 
+def original_step(args: argparse.Namespace, device: torch.device):
+    """The original toolkit's model and RL step from ``--classic_dir``, as a function of no arguments."""
+    import types
+
+    stand_in = types.ModuleType("torchtext")  # data_loader's import; nothing of it runs in the step
+    stand_in.__version__ = "0.8.0"
+    stand_in.data = types.SimpleNamespace(Dataset=object)
+    sys.modules["torchtext"] = stand_in
+    sys.path.insert(0, args.classic_dir)
+    from simple_nmt.models.seq2seq import Seq2Seq
+    from simple_nmt.models.transformer import Transformer
+    from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
+
+    sizes = MODELS[args.model]
+    if args.model == "transformer":
+        model = Transformer(VOCAB, sizes["hidden_size"], VOCAB, sizes["n_splits"], sizes["n_layers"],
+                            sizes["n_layers"], sizes["dropout"], max_length=args.max_length + 2)
+    else:
+        model = Seq2Seq(VOCAB, sizes["word_vec_size"], sizes["hidden_size"], VOCAB, sizes["n_layers"],
+                        sizes["dropout"])
+    model = model.to(device).train()
+    pad, bos, eos = 1, 2, 3  # the toolkit's
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, VOCAB, (args.b, SENTENCE_LENGTH), generator=g).to(device)
+    tgt = torch.cat([torch.full((args.b, 1), bos), torch.randint(4, VOCAB, (args.b, SENTENCE_LENGTH), generator=g),
+                     torch.full((args.b, 1), eos)], dim=1).to(device)
+    assert pad not in src and pad not in tgt
+    lengths = torch.full((args.b,), SENTENCE_LENGTH)
+    config = types.SimpleNamespace(iteration_per_update=1, max_length=args.max_length, rl_n_samples=args.k,
+                                   rl_n_gram=4, rl_reward="gleu", max_grad_norm=5.0)
+    engine = types.SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-4),
+                                   config=config, state=types.SimpleNamespace(iteration=1))
+
+    def step() -> None:
+        batch = types.SimpleNamespace(src=(src, lengths), tgt=(tgt, lengths + 2))  # the step moves them
+        MinimumRiskTrainingEngine.train(engine, batch)
+        engine.optimizer.zero_grad()  # the toolkit zeroes at the start of the next update
+
+    return step
+
+
 def worker(args: argparse.Namespace) -> dict:
     """Time ``args.steps`` steps of one method in this process and measure its peak memory."""
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.method == "original":
+        return measure_steps(args, device, original_step(args, device), lengths=None)
+    from simple_nmt.cli import default_config
+    from simple_nmt.data import BOS, EOS
+    from simple_nmt.models import build_model
+    from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
+
     config = default_config(**MODELS[args.model], max_length=args.max_length, rl_n_samples=args.k,
-                            rl_reward="gleu", max_grad_norm=5.0)
+                            rl_reward="gleu", max_grad_norm=5.0, precision=args.precision)
     model = build_model(config, VOCAB, VOCAB).to(device).train()
     if args.mean_length > 0:  # EOS logit such that P(EOS) is about 1 / mean_length at every step
         with torch.no_grad():
@@ -120,6 +184,11 @@ def worker(args: argparse.Namespace) -> dict:
         else:
             classic_step(model, optimizer, batch, args.k, args.max_length)
 
+    return measure_steps(args, device, step, lengths)
+
+
+def measure_steps(args: argparse.Namespace, device: torch.device, step, lengths: list[float] | None) -> dict:
+    """The fastest of ``args.steps`` calls of ``step`` after a warm-up, the peak memory, the mean sample length."""
     if args.memory_budget_mb:
         limit_memory(device, args.memory_budget_mb)
     rss_before = current_rss_mb()
@@ -141,14 +210,16 @@ def worker(args: argparse.Namespace) -> dict:
         raise
     memory = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" \
         else peak_rss_mb() - rss_before
-    return {"seconds": min(times[1:]), "memory_mb": memory, "mean_length": sum(lengths) / max(len(lengths), 1)}
+    mean_length = sum(lengths) / max(len(lengths), 1) if lengths is not None else float("nan")
+    return {"seconds": min(times[1:]), "memory_mb": memory, "mean_length": mean_length}
 
 
-def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int) -> dict:
+def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int, precision: str = "fp32") -> dict:
     command = [sys.executable, __file__, "--worker", "--model", model, "--method", method, "--k", str(k),
                "--b", str(b), "--device", args.device, "--steps", str(args.steps), "--max_length",
                str(args.max_length), "--mean_length", str(args.mean_length),
-               "--memory_budget_mb", str(args.memory_budget_mb)]
+               "--memory_budget_mb", str(args.memory_budget_mb), "--precision", precision,
+               "--classic_dir", args.classic_dir or "", "--threads", str(args.threads)]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer
         return {"oom": True}
@@ -170,6 +241,24 @@ def row(args, model: str, k: int, b: int) -> tuple[list[object], dict, dict]:
     return ([model, b, k, show(engine, "mean_length", ".1f"), show(engine, "seconds", ".3f"),
              show(classic, "seconds", ".3f"), speed, show(engine, "memory_mb", ".0f"),
              show(classic, "memory_mb", ".0f"), memory], engine, classic)
+
+
+def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
+    """B=64, K=4: the original toolkit (with --classic_dir), the classic step, the engine per precision;
+    the ratios against the original (else the classic step)."""
+    methods = [("original", "fp32")] if args.classic_dir else []
+    methods += [("classic", "fp32")] + [("engine", precision) for precision in args.precisions.split(",")]
+    results = {m: measure(args, model, m[0], 4, 64, m[1]) for m in methods}
+    reference = results[methods[0]]
+    rows = []
+    for (method, precision), r in results.items():
+        if "seconds" not in r:
+            rows.append([model, method, precision, "OOM" if r.get("oom") else r["error"], "", "", ""])
+            continue
+        rows.append([model, method, precision, f"{r['seconds']:.3f}", f"{r['memory_mb']:.0f}",
+                     f"{reference['seconds'] / r['seconds']:.2f}x",
+                     f"{r['memory_mb'] / max(reference['memory_mb'], 1e-9):.2f}"])
+    return rows
 
 
 def largest_batch(args: argparse.Namespace, model: str, method: str) -> tuple[list[object], int, bool]:
@@ -235,6 +324,10 @@ def main() -> None:
                         "(--steps then only repeats the step)")
     p.add_argument("--max_batch", type=int, default=4096, help="the largest batch --memory_budget_mb tries")
     p.add_argument("--headline_only", action="store_true", help="only B=64, K=4 for both models, no scaling rows")
+    p.add_argument("--classic_dir", default=None, help="a checkout of the original classic simple-nmt toolkit")
+    p.add_argument("--precisions", default="fp32", help="comma-separated --precision values of the engine's step")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each measurement")
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="transformer", help=argparse.SUPPRESS)
     p.add_argument("--method", default="engine", help=argparse.SUPPRESS)
@@ -253,6 +346,15 @@ def main() -> None:
     if args.memory_budget_mb:
         budget_main(args)
         return
+    torch.set_num_threads(args.threads)  # as in the workers, for the header
+    reference = "original" if args.classic_dir else "classic"
+    versus = ["model", "method", "precision", "s/step", "peak MiB", f"speed-up over {reference}",
+              f"memory / {reference}'s"]
+    versus_table = []
+    for model in MODELS:
+        model_rows = versus_rows(args, model)
+        versus_table += model_rows
+        print("\n".join(table(versus, model_rows).splitlines()[2:]), flush=True)
     headers = ["model", "B", "K", "mean sample tokens", "engine s/step", "classic s/step", "speed-up",
                "engine MiB", "classic MiB", "memory ratio"]
     rows, headline = [], {}
@@ -268,6 +370,8 @@ def main() -> None:
     print(f"\n# RL step on {args.device}: {machine(torch.device(args.device))}; "
           f"outputs of at most {args.max_length} tokens, vocabulary {VOCAB}, "
           f"sources and references of {SENTENCE_LENGTH} tokens")
+    print(table(versus, versus_table))
+    print()
     print(table(headers, rows))
     t = headline["transformer"]
     print(f"headline: Transformer, B=64, K=4 on {args.device}: engine {t[6]} faster than the classic step, "

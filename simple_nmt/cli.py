@@ -10,6 +10,7 @@ import random
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,7 @@ from simple_nmt.data import (
 )
 from simple_nmt.distributed import is_main_process, process_group, wrap_model
 from simple_nmt.models import build_model
+from simple_nmt.precision import PrecisionError, resolve_precision
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
 from simple_nmt.trainer import (
     MaximumLikelihoodEstimationEngine,
@@ -447,6 +449,7 @@ def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: boo
     log = make_log(config)
     seed_everything(config.seed)
     device = pick_device(config.gpu_id)
+    resolve_precision(config.precision, device)  # a precision the device cannot run stops here, before the data
     corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"], load_fn) if checkpoint else None, log)
     model = model_for(config, corpus.fields, checkpoint["model"] if checkpoint else None, load_fn).to(device)
     resume = None if reset_optimizer else checkpoint
@@ -472,12 +475,19 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """User errors as one line on stderr and exit status 1; Ctrl-C or SIGTERM (checkpoint saved) as 128 + signal."""
+    """User errors as one line on stderr and exit status 1; Ctrl-C or SIGTERM (checkpoint saved) as 128 + signal;
+    warnings as one line on stderr."""
     try:
-        yield
-    except (DataError, CheckpointError, OptionError, NonFiniteLossError) as e:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            yield
+    except (DataError, CheckpointError, OptionError, NonFiniteLossError, PrecisionError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
         _fail(str(e), code=128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
@@ -573,6 +583,7 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
     with reported_errors():
         check_output_path(config.output, "--output")
         device = pick_device(config.gpu_id)
+        precision = resolve_precision(config.precision, device)
         checkpoint = load_checkpoint(config.model_fn, map_location=device)
         src_field, tgt_field = fields = fields_from_checkpoint(checkpoint["meta"], config.model_fn)
         model = model_for(stored_config(checkpoint, config.model_fn, ModelOptions), fields, checkpoint["model"],
@@ -583,7 +594,8 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
             lines = [line.rstrip("\r\n") for line in sys.stdin.buffer.read().decode("utf-8", "replace").split("\n")]
             if lines and lines[-1] == "":
                 lines.pop()
-        outputs = translate_lines(model, src_field, tgt_field, lines, config, device)
+        with precision.autocast():
+            outputs = translate_lines(model, src_field, tgt_field, lines, config, device)
     text = "".join(line + "\n" for line in outputs)
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)

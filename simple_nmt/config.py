@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from simple_nmt.data import split_lang
+from simple_nmt.precision import PRECISIONS
 from simple_nmt.rewards import REWARDS
 
 FIXED, INHERITED, LOCAL = "fixed", "inherited", "local"
@@ -112,7 +113,7 @@ def check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
 
 
 # names of earlier versions, and what replaces them
-REPLACED = {"use_adam": ["optimizer='adam'"], "use_radam": ["optimizer='radam'"]}
+REPLACED = {"use_adam": ["optimizer='adam'"], "use_radam": ["optimizer='radam'"], "off_autocast": ["precision='fp32'"]}
 
 
 def _lang(text: str) -> None:
@@ -157,6 +158,10 @@ class DeviceOptions(Options):
     """where to run"""
 
     gpu_id: int = option(-1, "GPU to use (-1: CPU)", minimum=-1, source=LOCAL)
+    precision: str = option(
+        "auto", "matrix products in float32, or under bfloat16 / float16 autocast with float32 weights and loss "
+                "(auto: bf16 on GPUs that have it, else fp16; fp32 on CPU)", choices=PRECISIONS, source=LOCAL,
+        aliases={"off_autocast": "fp32"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +170,6 @@ class RunOptions(DeviceOptions):
 
     model_fn: str | None = option(
         None, "DIR/STEM.pth: the best checkpoint; each epoch also writes DIR/STEM.epochN.pth", source=LOCAL)
-    off_autocast: bool = option(False, "no mixed precision on GPU", source=LOCAL)
     verbose: int = option(2, "0: quiet, 1: a line per epoch, 2: also a progress bar", choices=(0, 1, 2),
                           source=LOCAL)
     tensorboard_dir: str | None = option(None, "write TensorBoard logs to this folder", source=LOCAL)
@@ -303,19 +307,20 @@ def as_config(config: Config | Mapping[str, Any]) -> Config:
     return config if isinstance(config, Config) else Config.from_dict(config)
 
 
-# keys that checkpoints of earlier versions hold in their config
-_PHASE_KEYS = ("phase", "load_fn")
+# keys of a stored config that are not options: the phase, the file it was continued from, and
+# earlier versions' --off_autocast (LOCAL, now --precision)
+_NOT_OPTIONS = ("phase", "load_fn", "off_autocast")
 
 
 def config_from_checkpoint(saved: Mapping[str, Any]) -> dict[str, Any]:
     """The options of a checkpoint's stored config that a later run takes from it, as ``Config`` keys.
 
-    Drops the phase, the file it was continued from and the LOCAL options (where it ran
-    and logged: never taken from a checkpoint), and maps the ``use_adam`` / ``use_radam``
+    Drops the phase, the file it was continued from and the LOCAL options (where and how it
+    ran and logged: never taken from a checkpoint), and maps the ``use_adam`` / ``use_radam``
     flags of earlier versions onto ``optimizer``.
     """
     local = {f.name for f in dataclasses.fields(Config) if f.metadata["source"] == LOCAL}
-    values = {k: v for k, v in saved.items() if k not in _PHASE_KEYS and k not in local}
+    values = {k: v for k, v in saved.items() if k not in _NOT_OPTIONS and k not in local}
     use_adam, use_radam = values.pop("use_adam", False), values.pop("use_radam", False)
     if use_radam or use_adam:
         values["optimizer"] = "radam" if use_radam else "adam"

@@ -35,8 +35,16 @@ def repeat_state(state: State, n: int) -> State:
     return map_state(state, lambda x: x.repeat_interleave(n, dim=0))
 
 
-def select_state(state: State, index: torch.Tensor) -> State:
-    """Keep the batch rows ``index`` (in that order)."""
+def select_state(state: State, index: torch.Tensor, same: tuple[str, ...] = ()) -> State:
+    """Keep the batch rows ``index`` (in that order).
+
+    Args:
+        same: keys of a dict state whose rows ``index`` leaves as they are (kept, not copied): beam
+            search reorders hypotheses only among those of one source, whose source-only entries
+            (e.g. the encoder output) are equal.
+    """
+    if same and isinstance(state, dict):
+        return {k: v if k in same else select_state(v, index) for k, v in state.items()}
     return map_state(state, lambda x: x.index_select(0, index))
 
 
@@ -66,31 +74,66 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def draw(probs: torch.Tensor) -> torch.Tensor:
-    """One sample per row by inverting the cumulative distribution.
+def draw(weights: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """One sample per row, with probability proportional to ``weights``, by inverting the cumulative sum.
 
-    Exact like ``torch.multinomial(probs, 1)``, and much faster on CPU for large vocabularies.
+    Exact like ``torch.multinomial(weights, 1)`` and much faster on CPU for large vocabularies:
+    the cumulative sum runs over the sums of blocks of ``block`` tokens, and then within the one
+    block the sample falls in, not over the whole vocabulary (a cumulative sum is sequential
+    along a row; block sums are vectorised).
 
     Args:
-        probs: |probs| = (batch_size, vocab_size), rows summing to 1 (zeros allowed).
+        weights: |weights| = (batch_size, vocab_size), non-negative, each row with a positive sum
+            (probabilities, or unnormalised ones such as exp(log-probs) with tokens set to 0).
 
     Returns:
-        |ids| = (batch_size,)
+        |ids| = (batch_size,), never a token of weight 0.
     """
-    cdf = probs.cumsum(dim=-1)  # |cdf| = (batch_size, vocab_size)
-    total = cdf[:, -1:]
-    u = torch.rand(probs.size(0), 1, device=probs.device, dtype=cdf.dtype) * total
-    # kept below the total, also after rounding, so that a token always has cdf > u
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    # the first token whose cumulative probability exceeds u: never one of probability 0
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+    n, vocab_size = weights.shape
+    if vocab_size % block:
+        weights = torch.nn.functional.pad(weights, (0, block - vocab_size % block))  # zeros: never drawn
+    blocks = weights.view(n, -1, block)  # |blocks| = (batch_size, n_blocks, block)
+    cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # |cdf| = (batch_size, n_blocks)
+    u = torch.rand(n, 1, device=weights.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # the first block whose cumulative weight exceeds u (u kept below the total, also after rounding)
+    b = torch.searchsorted(cdf, below(u, cdf[:, -1:]), right=True)  # |b| = (batch_size, 1)
+    rest = u - cdf.gather(1, (b - 1).clamp(min=0)).masked_fill(b == 0, 0.0)  # u within that block, >= 0
+    inner = blocks.gather(1, b[:, :, None].expand(-1, -1, block)).squeeze(1).cumsum(dim=-1)  # (batch_size, block)
+    j = torch.searchsorted(inner, below(rest, inner[:, -1:]), right=True)
+    return (b * block + j).squeeze(1)
+
+
+def below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """``x`` kept strictly below ``limit`` (> 0): a token with a cumulative weight above it always exists."""
+    return torch.minimum(x, torch.nextafter(limit, torch.zeros_like(limit)))
+
+
+SPECIALS = [PAD, BOS]  # never emitted by a decoder
 
 
 def _forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
-    """A decoder never emits PAD or BOS."""
+    """A float32 copy of |log_probs| = (n, vocab_size) where PAD and BOS have log-prob -inf."""
     log_probs = log_probs.float().clone()
-    log_probs[:, [PAD, BOS]] = float("-inf")
+    log_probs[:, SPECIALS] = float("-inf")
     return log_probs
+
+
+def _greedy(log_probs: torch.Tensor) -> torch.Tensor:
+    """The best token of each row other than PAD and BOS: |log_probs| = (n, vocab_size) -> (n,)."""
+    y = log_probs.argmax(dim=-1)
+    special = (y == PAD) | (y == BOS)
+    if special.any():  # rare in a trained model: only these rows are searched again without them
+        y[special] = _forbid_specials(log_probs[special]).argmax(dim=-1)
+    return y
+
+
+def _sample(log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """One token per row, PAD and BOS never: |log_probs| = (n, vocab_size) -> (n,)."""
+    if top_k or top_p < 1.0:  # the filters rank the tokens that may be emitted
+        return draw(filter_logits(_forbid_specials(log_probs) / temperature, top_k, top_p).softmax(dim=-1))
+    weights = (log_probs.float() if temperature == 1.0 else log_probs.float() / temperature).softmax(dim=-1)
+    weights[:, SPECIALS] = 0.0  # a tensor of its own: changed in place
+    return draw(weights)
 
 
 @torch.no_grad()
@@ -136,11 +179,7 @@ def sample_search(
     done = torch.zeros(n, dtype=torch.bool, device=src.device)
     for t in range(max_length):
         step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(rows), vocab_size)
-        allowed = _forbid_specials(step_log_probs)
-        if is_greedy:
-            y = allowed.argmax(dim=-1)
-        else:
-            y = draw(filter_logits(allowed / temperature, top_k, top_p).softmax(dim=-1))
+        y = _greedy(step_log_probs) if is_greedy else _sample(step_log_probs, temperature, top_k, top_p)
         y = y.masked_fill(done, PAD)  # |y| = (len(rows),)
         ids[rows, t] = y
         log_probs[rows, t] = step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0)
@@ -204,16 +243,18 @@ def beam_search(
     y = torch.full((batch_size * k,), BOS, dtype=torch.long, device=device)
     offsets = torch.arange(batch_size, device=device)[:, None] * k  # |offsets| = (batch_size, 1)
     for t in range(int(limits.max())):
-        step_log_probs, state = model.decode_step(y, state)
-        log_probs = _forbid_specials(step_log_probs)  # |log_probs| = (batch_size * k, vocab_size)
-        log_probs[finished] = float("-inf")
-        log_probs[finished, PAD] = 0.0
-        vocab_size = log_probs.size(-1)
-        candidates = (scores.view(-1, 1) + log_probs).view(batch_size, k * vocab_size)
+        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (batch_size * k, vocab_size)
+        vocab_size = step_log_probs.size(-1)
+        candidates = scores.view(-1, 1) + step_log_probs.float()  # a tensor of its own: changed in place
+        candidates[:, SPECIALS] = float("-inf")
+        # a finished hypothesis is extended by PAD at no cost, and by nothing else
+        candidates[finished] = float("-inf")
+        candidates[finished, PAD] = scores.view(-1)[finished]
+        candidates = candidates.view(batch_size, k * vocab_size)
         scores, best = candidates.topk(k, dim=-1)  # |scores| = |best| = (batch_size, k)
         rows = (offsets + best // vocab_size).view(-1)  # |rows| = (batch_size * k,)
         y = (best % vocab_size).view(-1)
-        state = select_state(state, rows)
+        state = select_state(state, rows, same=getattr(model, "source_state_keys", ()))
         seqs = torch.cat([seqs.index_select(0, rows), y[:, None]], dim=1)
         lengths = lengths.index_select(0, rows) + (~finished.index_select(0, rows)).long()
         finished = finished.index_select(0, rows) | (y == EOS)

@@ -22,6 +22,7 @@ from simple_nmt.checkpoint import AtomicSaver, save_checkpoint
 from simple_nmt.config import Config, as_config
 from simple_nmt.data import PAD, TextField
 from simple_nmt.distributed import is_main_process
+from simple_nmt.precision import resolve_precision
 from simple_nmt.search import output_ids
 
 # the trainer state's counters of non-finite updates: in a row, and in all
@@ -43,7 +44,7 @@ class TrainingInterrupted(RuntimeError):
 class MaximumLikelihoodEstimationEngine(Engine):
     """An ignite ``Engine`` whose step trains ``model`` by maximum likelihood.
 
-    The step moves the batch to the device, runs the loss under autocast (CUDA),
+    The step moves the batch to the device, runs the loss under autocast (``--precision``),
     accumulates gradients over ``iteration_per_update`` iterations, unscales them
     before clipping, steps the optimizer and the scheduler, and skips updates
     whose loss or gradient is not finite. Subclasses change the objective by
@@ -61,7 +62,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
         optimizer: a torch optimizer over the model's parameters.
         config: a ``Config``, or a mapping of option names to values (validated, the rest
             defaulted); read here: ``iteration_per_update``, ``max_grad_norm``,
-            ``label_smoothing``, ``max_bad_steps``, ``off_autocast``, ``max_length``.
+            ``label_smoothing``, ``max_bad_steps``, ``precision``, ``max_length``.
         scheduler: stepped after each update (optional).
         device: where to train; the model must already be there.
         tgt_field: turns output ids into text for validation BLEU.
@@ -82,11 +83,8 @@ class MaximumLikelihoodEstimationEngine(Engine):
         super().__init__(type(self).train_step)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config, self.device, self.tgt_field = as_config(config), torch.device(device), tgt_field
-        self.use_amp = self.device.type == "cuda" and not self.config.off_autocast
-        self.amp_dtype = torch.bfloat16
-        if self.use_amp and not torch.cuda.is_bf16_supported():
-            self.amp_dtype = torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.precision = resolve_precision(self.config.precision, self.device)
+        self.scaler = self.precision.grad_scaler()
         # the counters of non-finite updates are saved with the trainer state and resumed
         self.state_dict_user_keys.extend(SKIP_COUNTERS)
         self.state.n_bad_steps = 0  # non-finite updates in a row
@@ -119,8 +117,8 @@ class MaximumLikelihoodEstimationEngine(Engine):
         return -metrics["valid_loss"]
 
     def autocast(self) -> torch.autocast:
-        """The autocast context of this engine (a no-op off CUDA or with --off_autocast)."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+        """The autocast context of this engine's forward passes (a no-op under ``--precision fp32``)."""
+        return self.precision.autocast()
 
     def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move every tensor of a batch to the engine's device."""
@@ -164,7 +162,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
         """
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["scaler"] and self.scaler.is_enabled():  # none on CPU, with bf16 or --off_autocast
+        if checkpoint["scaler"] and self.scaler.is_enabled():  # fp16 only
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.load_state_dict(checkpoint["trainer"])
         if lr is not None:

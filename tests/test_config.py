@@ -94,7 +94,7 @@ def test_the_command_line_refuses_the_same_values(argv, message, capsys):
 def test_every_option_says_where_continue_train_takes_it_from():
     sources = {f.name: f.metadata["source"] for f in dataclasses.fields(Config)}
     assert set(sources.values()) == {FIXED, INHERITED, LOCAL}
-    assert {k for k, v in sources.items() if v == LOCAL} == {"gpu_id", "model_fn", "off_autocast", "verbose",
+    assert {k for k, v in sources.items() if v == LOCAL} == {"gpu_id", "precision", "model_fn", "verbose",
                                                                "tensorboard_dir"}
     assert {"use_transformer", "hidden_size", "n_layers", "tie_embeddings", "spm_vocab_size", "lang"} <= {
         k for k, v in sources.items() if v == FIXED}

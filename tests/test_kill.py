@@ -60,7 +60,7 @@ def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
     rng = random.Random(0)
     kills, during_save = 0, 0
     previous = {}
-    for round_ in range(22):
+    for round_ in range(14):
         load_fn = latest_epoch_file(tmp_path)
         proc = start(toy_dir, tmp_path / "m.pth", load_fn)
         if round_ == 0:  # one epoch checkpoint first, however slow the machine, so that later rounds resume
@@ -68,7 +68,7 @@ def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
         elif round_ % 2:
             during_save += kill_when(proc, lambda: saving(tmp_path), timeout=60)
         else:
-            time.sleep(rng.uniform(2.0, 8.0))
+            time.sleep(rng.uniform(1.5, 5.0))
             proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
@@ -77,7 +77,7 @@ def test_random_kills_never_leave_a_broken_checkpoint(tmp_path):
             iteration = checkpoint["trainer"]["iteration"]
             assert iteration >= previous.get(path.name, 0)
             previous[path.name] = iteration
-    assert kills >= 20 and during_save >= 5
+    assert kills >= 14 and during_save >= 4
     last = latest_epoch_file(tmp_path)
     assert last is not None
     done = load_checkpoint(last)["trainer"]["iteration"] // load_checkpoint(last)["trainer"]["epoch_length"]

@@ -154,12 +154,44 @@ def test_transformer_cache_grows_and_cross_kv_is_reused():
             # the cache holds the keys/values teacher forcing computes for the whole prefix
             _, full_cache = model._run_decoder(model._embed(model.tgt_emb, tgt), model.encode(src, src_lengths),
                                           causal=True)
-            for (k, v), (fk, fv) in zip(state["self_kv"], full_cache):
+            for (k, v), (fk, fv) in zip(state["self_kv"], full_cache["self_kv"]):
                 close(k, fk)
                 close(v, fv)
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice():
+    model = make_model(Transformer).eval()
+    src, src_lengths = pad_batch(random_seqs([5, 3], SRC_V, seed=4))
+    tgt = torch.tensor([[BOS] + random_seqs([40], TGT_V, seed=5)[0]] * 2)
+    with torch.no_grad():
+        full = model(src, src_lengths, tgt)
+        state, buffers = model.encode(src, src_lengths), set()
+        for t in range(tgt.size(1)):
+            # 41 steps: the first step's own keys, then buffers of 16, 2 x 17 and 2 x 35 positions
+            step, state = model.decode_step(tgt[:, t], state)
+            close(step, full[:, t])
+            buffers.add(state["self_kv"][0][0].untyped_storage().data_ptr())
+        assert len(buffers) == 4
+        # two steps from one state (branches of a search): each sees its own history
+        branch_a, a = model.decode_step(torch.full((2,), 4), state)
+        branch_b, b = model.decode_step(torch.full((2,), 5), state)
+        _, a2 = model.decode_step(torch.full((2,), 6), a)
+        again, _ = model.decode_step(torch.full((2,), 6), model.decode_step(torch.full((2,), 4), state)[1])
+        close(model.decode_step(torch.full((2,), 6), a)[0], again)
+        extended = torch.cat([tgt, torch.full((2, 1), 5), torch.full((2, 1), 6)], dim=1)
+        close(model.decode_step(torch.full((2,), 6), b)[0], model(src, src_lengths, extended)[:, -1])
+        close(branch_a, model(src, src_lengths, torch.cat([tgt, torch.full((2, 1), 4)], dim=1))[:, -1])
+    # with gradients, the cache is copied, not written in place: backward through the steps works
+    state = model.encode(src, src_lengths)
+    total = 0
+    for t in range(20):
+        step, state = model.decode_step(tgt[:, t], state)
+        total = total + step[:, tgt[0, t + 1]].sum()
+    total.backward()
+    assert model.decoder[0].self_attn.kv.weight.grad.abs().sum() > 0
 
 
 def test_seq2seq_state_carries_projected_keys():

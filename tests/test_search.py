@@ -17,7 +17,7 @@ from conftest import make_tiny_model
 from simple_nmt.data import BOS, EOS, PAD, UNK
 from simple_nmt.models import Seq2Seq, Transformer
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import filter_logits, length_penalty, repeat_state, select_state
+from simple_nmt.search import draw, filter_logits, length_penalty, repeat_state, select_state
 
 A, B, C = 4, 5, 6
 V = 7  # PAD, UNK, BOS, EOS, a, b, c
@@ -421,6 +421,25 @@ def test_sampling_frequencies_match_distribution():
     assert freq[PAD] == 0 and freq[BOS] == 0
 
 
+@pytest.mark.parametrize("vocab_size", [5, 64, 150])
+def test_draw_matches_the_distribution_and_never_draws_a_zero_weight(vocab_size):
+    g = torch.Generator().manual_seed(vocab_size)
+    weights = torch.rand(vocab_size, generator=g, dtype=torch.float64) ** 3
+    weights[torch.randperm(vocab_size, generator=g)[: vocab_size // 3]] = 0.0  # zeros, also inside blocks
+    weights[-1] = 0.0
+    weights *= 7.0  # unnormalised
+    torch.manual_seed(0)
+    n = 60000
+    ids = draw(weights.expand(n, -1).contiguous(), block=16)
+    freq = torch.bincount(ids, minlength=vocab_size).double() / n
+    assert ids.max() < vocab_size and (freq[weights == 0] == 0).all()
+    expected = weights / weights.sum()
+    assert (freq - expected).abs().max().item() < 4 * (expected.max().item() / n) ** 0.5 + 1e-3
+    # one-hot rows, anywhere in the vocabulary, give their token every time
+    one_hot = torch.eye(vocab_size, dtype=torch.float32)[torch.arange(vocab_size).flip(0)]
+    assert draw(one_hot, block=16).tolist() == list(range(vocab_size))[::-1]
+
+
 def entropy(p: torch.Tensor) -> float:
     p = p[p > 0]
     return -(p * p.log()).sum().item()
@@ -552,18 +571,23 @@ def test_greedy_equals_beam_size_one(cls):
         assert BOS not in row
 
 
+def record_steps(model: EncoderDecoder, what: Callable) -> list:
+    """Wrap the model's ``decode_step``: the list it returns gets ``what(y_prev, state)`` of every step."""
+    seen, decode_step = [], model.decode_step
+
+    def recording_step(y, state):
+        seen.append(what(y, state))
+        return decode_step(y, state)
+
+    model.decode_step = recording_step
+    return seen
+
+
 @pytest.mark.parametrize("cls", MODELS)
 def test_batched_greedy_stops_decoding_ended_rows_and_equals_per_sentence(cls):
     model = make_model(cls)
     src, src_lengths = random_batch(LENGTHS, seed=5)
-    rows_decoded = []
-    decode_step = model.decode_step
-
-    def counting_step(y, state):
-        rows_decoded.append(y.size(0))
-        return decode_step(y, state)
-
-    model.decode_step = counting_step
+    rows_decoded = record_steps(model, lambda y, state: y.size(0))
     ids, log_probs = model.search(src, src_lengths, is_greedy=True, max_length=12)
     assert rows_decoded[0] == len(LENGTHS) and rows_decoded[-1] < len(LENGTHS) / 2
     for i, n in enumerate(LENGTHS):
@@ -587,6 +611,19 @@ def test_batched_beam_equals_per_sentence(cls, alpha, ratio):
         assert one_hyps[0] == hyps[i]
         assert one_scores[0].tolist() == pytest.approx(scores[i].tolist(), abs=1e-4)
     assert len({len(h) for per in hyps for h in per}) > 1
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_beam_search_keeps_source_only_state_and_equals_reordering_all_of_it(cls):
+    model = make_model(cls)
+    src, src_lengths = random_batch(LENGTHS, seed=3)
+    seen = record_steps(model, lambda y, state: {key: state[key] for key in cls.source_state_keys})
+    hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=4, n_best=2, max_length=10)
+    for key in cls.source_state_keys:  # neither copied nor reordered between steps
+        assert all(step[key] is seen[0][key] for step in seen[1:])
+    model.source_state_keys = ()  # reorder every entry of the state
+    again, again_scores = model.batch_beam_search(src, src_lengths, beam_size=4, n_best=2, max_length=10)
+    assert again == hyps and torch.equal(again_scores, scores)
 
 
 @pytest.mark.parametrize("cls", MODELS)

@@ -19,6 +19,10 @@ class EncoderDecoder(nn.Module):
     over the step interface; a research model gets them by subclassing this.
     """
 
+    # entries of the decoder state that depend on the source only, the same for all its hypotheses:
+    # beam search, which reorders hypotheses only among those of one source, leaves them as they are
+    source_state_keys: tuple[str, ...] = ()
+
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:
         """Encode |src| = (batch_size, src_length) into a decoder state (batch first)."""
         raise NotImplementedError

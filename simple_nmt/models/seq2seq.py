@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
+from simple_nmt.precision import lstm_precision
 
 
 class Seq2Seq(EncoderDecoder):
@@ -24,6 +25,8 @@ class Seq2Seq(EncoderDecoder):
         tie_embeddings: the output projection reuses the target embedding matrix
             (needs ``word_vec_size == hidden_size``).
     """
+
+    source_state_keys = ("memory", "keys", "pad_mask")
 
     def __init__(
         self,
@@ -60,7 +63,8 @@ class Seq2Seq(EncoderDecoder):
         batch_size = src.size(0)
         x = self.dropout(self.src_emb(src))  # |x| = (batch_size, src_length, word_vec_size)
         packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        memory, (h, c) = self.encoder(packed)
+        with lstm_precision():
+            memory, (h, c) = self.encoder(packed)
         memory, _ = pad_packed_sequence(memory, batch_first=True, total_length=src.size(1))
         # |memory| = (batch_size, src_length, hidden_size)
 
@@ -83,7 +87,8 @@ class Seq2Seq(EncoderDecoder):
         emb = self.dropout(self.tgt_emb(y_prev))  # |emb| = (batch_size, word_vec_size)
         x = torch.cat([emb, state["h_tilde"].to(emb.dtype)], dim=-1).unsqueeze(1)
         hidden = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
-        out, (h, c) = self.decoder(x, hidden)  # |out| = (batch_size, 1, hidden_size)
+        with lstm_precision():
+            out, (h, c) = self.decoder(x, hidden)  # |out| = (batch_size, 1, hidden_size)
         scores = torch.bmm(state["keys"], out.transpose(1, 2)).squeeze(2)  # (batch_size, src_length)
         weights = scores.float().masked_fill(state["pad_mask"], float("-inf")).softmax(dim=-1)
         context = torch.bmm(weights.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)

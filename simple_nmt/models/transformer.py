@@ -49,6 +49,38 @@ class MultiHeadAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
 
 
+def append_to_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, version: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The cached keys and values with the new positions ``k``, ``v`` appended, and the cache's version.
+
+    The cache is a view of a buffer with room for more positions: the new ones are written
+    into that room in place, so that a decoding step does not copy the whole cache. A new
+    buffer, twice as long, is made when the room runs out, when the types differ, when the
+    new keys need a gradient (autograd keeps the cache), and when the buffer has been
+    written since ``version`` (another state decoded from the same cache: it keeps its own).
+
+    Args:
+        k_cache, v_cache: |k_cache| = (batch_size, n_splits, t, head_size).
+        k, v: |k| = (batch_size, n_splits, new, head_size).
+        version: what this function returned for this cache (None: a cache it did not make).
+    """
+    n, heads, t, size = k_cache.shape
+    length = t + k.size(2)
+    stride = k_cache.stride()
+    in_buffer = stride[3] == 1 and stride[2] == size and stride[0] == heads * stride[1]
+    room = stride[1] // size if in_buffer else t
+    if version == k_cache._version and room >= length and k_cache.dtype == k.dtype and not k.requires_grad:
+        k_all = k_cache.as_strided((n, heads, length, size), stride, k_cache.storage_offset())
+        v_all = v_cache.as_strided((n, heads, length, size), v_cache.stride(), v_cache.storage_offset())
+    else:
+        buffer = k.new_empty(2, n, heads, max(2 * length, 16), size)
+        k_all, v_all = buffer[0, :, :, :length], buffer[1, :, :, :length]
+        k_all[:, :, :t], v_all[:, :, :t] = k_cache, v_cache
+    k_all[:, :, t:], v_all[:, :, t:] = k, v
+    return k_all, v_all, k_all._version
+
+
 class FeedForward(nn.Sequential):
     """Position-wise feed-forward block, 4 x hidden_size wide."""
 
@@ -109,6 +141,8 @@ class Transformer(EncoderDecoder):
         tie_embeddings: the output projection reuses the target embedding matrix.
     """
 
+    source_state_keys = ("src_mask", "cross_kv")
+
     def __init__(
         self,
         src_vocab_size: int,
@@ -153,30 +187,36 @@ class Transformer(EncoderDecoder):
             "src_mask": src_mask,
             # encoder keys/values, projected once for all steps
             "cross_kv": [block.cross_attn.project_kv(memory) for block in self.decoder],
-            # self-attention cache, one position longer each step
+            # self-attention cache, one position longer each step, and its versions (append_to_cache)
             "self_kv": [(empty, empty) for _ in self.decoder],
+            "self_kv_versions": [None for _ in self.decoder],
             "step": 0,
         }
 
-    def _run_decoder(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, list]:
-        """Run the decoder blocks over |x| = (batch_size, length, hidden_size)."""
+    def _run_decoder(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, dict]:
+        """Run the decoder blocks over |x| = (batch_size, length, hidden_size) after the state's cached
+        positions; returns the output and the state's cache entries with these positions added."""
         self_mask = None
         if causal:
             length = x.size(1)
             self_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        new_cache = []
-        for block, (k_cache, v_cache), cross_kv in zip(self.decoder, state["self_kv"], state["cross_kv"]):
+        cache, versions = [], []
+        for block, (k_cache, v_cache), version, cross_kv in zip(
+                self.decoder, state["self_kv"], state.get("self_kv_versions", [None] * len(self.decoder)),
+                state["cross_kv"]):
             k, v = block.self_attn.project_kv(block.self_norm(x))
-            self_kv = (torch.cat([k_cache.to(k.dtype), k], dim=2), torch.cat([v_cache.to(v.dtype), v], dim=2))
-            new_cache.append(self_kv)
-            x = block(x, self_kv, self_mask, cross_kv, state["src_mask"])
-        return self.decoder_norm(x), new_cache
+            if k_cache.size(2):
+                k, v, version = append_to_cache(k_cache, v_cache, k, v, version)
+            cache.append((k, v))
+            versions.append(version if k_cache.size(2) else None)
+            x = block(x, (k, v), self_mask, cross_kv, state["src_mask"])
+        return self.decoder_norm(x), {"self_kv": cache, "self_kv_versions": versions}
 
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = self._embed(self.tgt_emb, y_prev[:, None], start=state["step"])  # (batch_size, 1, hidden_size)
         h, cache = self._run_decoder(x, state, causal=False)
         log_probs = self.generator(h.squeeze(1)).float().log_softmax(dim=-1)
-        return log_probs, dict(state, self_kv=cache, step=state["step"] + 1)
+        return log_probs, dict(state, **cache, step=state["step"] + 1)
 
     def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         h, _ = self._run_decoder(self._embed(self.tgt_emb, tgt_in), state, causal=True)
