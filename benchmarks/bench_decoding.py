@@ -13,6 +13,9 @@ decoding loop could reach without computing less; the ratio says how far the loo
 from it. The no-cache Transformer is the same model whose step re-runs the decoder over
 the whole prefix, as a decoder without a cache must.
 
+``--compile`` runs the step as ``torch.compile(model.decode_step, dynamic=True)`` (the
+compilation falls in the warm-up run, outside the times).
+
 ``--before REF`` measures the same rows with the project's code at git revision REF
 (checked out into a temporary worktree) in the same run, alternating with the current
 code, and adds the speed-up. Each measurement runs in a process of its own; times are
@@ -68,6 +71,8 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         model = (NoCacheTransformer if "no cache" in args.model else Transformer)(VOCAB, VOCAB, **sizes)
     model = model.to(device).eval()
+    if args.compile:
+        model.decode_step = torch.compile(model.decode_step, dynamic=True)
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, VOCAB, (args.batch_size, 20), generator=g).to(device)
     lengths = torch.full((args.batch_size,), 20, device=device)
@@ -133,7 +138,7 @@ def measure(args: argparse.Namespace, code: Path, model: str, method: str, preci
     command = [sys.executable, __file__, "--worker", "--code", str(code), "--model", model, "--method", method,
                "--precision", precision, "--device", args.device, "--length", str(args.length), "--batch_size",
                str(args.batch_size), "--n_samples", str(args.n_samples), "--repeat", str(args.repeat),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{model}, {method}, {precision} ({code}): {proc.stderr.strip().splitlines()[-1]}")
@@ -168,6 +173,7 @@ def main() -> None:
     p.add_argument("--n_samples", type=int, default=5, help="samples per source (sampling)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

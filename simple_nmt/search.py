@@ -35,6 +35,14 @@ def repeat_state(state: State, n: int) -> State:
     return map_state(state, lambda x: x.repeat_interleave(n, dim=0))
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)``; a contiguous tensor of 3 or more dimensions is taken as (rows, row
+    size), which CPUs copy about twice as fast."""
+    if x.dim() > 2 and x.is_contiguous():
+        return x.flatten(1).index_select(0, index).view(-1, *x.shape[1:])
+    return x.index_select(0, index)
+
+
 def select_state(state: State, index: torch.Tensor, same: tuple[str, ...] = ()) -> State:
     """Keep the batch rows ``index`` (in that order).
 
@@ -45,7 +53,18 @@ def select_state(state: State, index: torch.Tensor, same: tuple[str, ...] = ()) 
     """
     if same and isinstance(state, dict):
         return {k: v if k in same else select_state(v, index) for k, v in state.items()}
-    return map_state(state, lambda x: x.index_select(0, index))
+    return map_state(state, lambda x: take_rows(x, index))
+
+
+def reorder(model: torch.nn.Module, state: State, index: torch.Tensor, within_sources: bool = False) -> State:
+    """Keep the batch rows ``index`` of a decoder state: the model's ``reorder_state`` where it has one
+    (every ``EncoderDecoder``), else ``select_state``.
+
+    Args:
+        within_sources: ``index`` only reorders the rows of each source among themselves (beam search).
+    """
+    reorder_state = getattr(model, "reorder_state", None)
+    return select_state(state, index) if reorder_state is None else reorder_state(state, index, within_sources)
 
 
 def output_ids(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -189,7 +208,7 @@ def sample_search(
             break
         if 2 * n_done >= len(rows):  # at least half have ended: stop decoding them
             keep = (~done).nonzero().squeeze(1)
-            state, rows, y, done = select_state(state, keep), rows[keep], y[keep], done[keep]
+            state, rows, y, done = reorder(model, state, keep), rows[keep], y[keep], done[keep]
     return ids[:, : t + 1], log_probs[:, : t + 1]
 
 
@@ -254,7 +273,7 @@ def beam_search(
         scores, best = candidates.topk(k, dim=-1)  # |scores| = |best| = (batch_size, k)
         rows = (offsets + best // vocab_size).view(-1)  # |rows| = (batch_size * k,)
         y = (best % vocab_size).view(-1)
-        state = select_state(state, rows, same=getattr(model, "source_state_keys", ()))
+        state = reorder(model, state, rows, within_sources=True)
         seqs = torch.cat([seqs.index_select(0, rows), y[:, None]], dim=1)
         lengths = lengths.index_select(0, rows) + (~finished.index_select(0, rows)).long()
         finished = finished.index_select(0, rows) | (y == EOS)

@@ -1,6 +1,6 @@
 """Multi30k English-German: MLE, then RL fine-tuning, for Seq2Seq and Transformer, with BLEU.
 
-    python examples/multi30k/run.py DATA_DIR [--gpu_id 0] [--profile gpu|cpu]
+    python examples/multi30k/run.py DATA_DIR [--gpu_id 0] [--profile gpu|cpu] [--precision bf16]
                                     [--models transformer,seq2seq] [--protocols tok,raw]
 
 DATA_DIR holds train / val / test_2016_flickr as STEM.en / STEM.de (raw, cased)
@@ -145,11 +145,12 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     out.mkdir(exist_ok=True)
     log = out / "log.txt"
     common = {"log": log, "threads": threads}
+    where = ["--gpu_id", args.gpu_id, "--precision", args.precision]  # of every command
     if not args.rl_only:
         start = time.time()
         curve = run("train.py", "--model_fn", str(out / "mle.pth"),
                     "--train", str(prefix("train")), "--valid", str(prefix("val")), "--lang", "ende",
-                    "--gpu_id", args.gpu_id, "--verbose", "1", *profile["common"], *profile[model],
+                    *where, "--verbose", "1", *profile["common"], *profile[model],
                     *shlex.split(args.mle_options), **common)
         row = {"mle_minutes": round((time.time() - start) / 60, 1), "mle_valid_bleu_per_epoch": curve}
     checkpoints = {"mle": out / "mle.pth", "rl": out / "rl.pth"}
@@ -165,7 +166,7 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     rl_train = subset(prefix("train"), n_rl, out / "rl_train")
     row["rl_valid_bleu_per_epoch"] = run(
         "continue_train.py", "--load_fn", str(checkpoints["mle"]), "--model_fn", str(checkpoints["rl"]),
-        "--train", str(rl_train), "--gpu_id", args.gpu_id, "--verbose", "1", *profile["rl"],
+        "--train", str(rl_train), *where, "--verbose", "1", *profile["rl"],
         *profile.get(f"rl_{model}", []), *shlex.split(args.rl_options), **common)
     row["rl_minutes"] = round((time.time() - start) / 60, 1)
     for phase in ("mle", "rl"):
@@ -173,7 +174,7 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
             hyp = out / f"{split}.{phase}.de"
             run("translate.py", "--model_fn", str(checkpoints[phase]),
                 "--input", f"{prefix(split)}.en", "--output", str(hyp),
-                "--beam_size", args.beam_size, "--gpu_id", args.gpu_id, **common)
+                "--beam_size", args.beam_size, *where, **common)
             row[f"{phase}_{split}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
     say(json.dumps({f"{model}.{protocol}": row}))
     return row
@@ -183,6 +184,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path, help="the Multi30k folder")
     p.add_argument("--gpu_id", default="-1", help="GPU to use (-1: CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="--precision of training, RL and translation (auto: mixed on GPU, fp32 on CPU)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="model sizes and budgets")
     p.add_argument("--models", default="transformer,seq2seq", help="comma-separated: transformer, seq2seq")
     p.add_argument("--protocols", default="tok,raw", help="comma-separated: tok, raw")

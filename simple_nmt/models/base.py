@@ -31,6 +31,15 @@ class EncoderDecoder(nn.Module):
         """One step: |y_prev| = (batch_size,) -> log-probs (batch_size, vocab_size), new state."""
         raise NotImplementedError
 
+    def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
+        """The state's batch rows ``index`` (search ends rows that are done, beam search reorders hypotheses).
+
+        Args:
+            within_sources: ``index`` reorders only the rows of each source among themselves: the
+                ``source_state_keys`` entries, equal for those rows, are kept as they are.
+        """
+        return decoding.select_state(state, index, same=self.source_state_keys if within_sources else ())
+
     def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Teacher forcing from ``encode``'s state.
 

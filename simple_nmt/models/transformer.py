@@ -11,6 +11,7 @@ from torch import nn
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
+from simple_nmt.search import take_rows
 
 
 def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -49,6 +50,24 @@ class MultiHeadAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
 
 
+def cache_room(cache: torch.Tensor) -> int:
+    """How many positions the buffer behind |cache| = (batch_size, n_splits, t, head_size) holds (t if none)."""
+    n, heads, t, size = cache.shape
+    stride = cache.stride()
+    if stride[3] == 1 and stride[2] == size and stride[0] == heads * stride[1]:
+        return stride[1] // size
+    return t
+
+
+def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The batch rows ``index`` of a cache, copied with the room of its buffer, so that a step after a
+    reordering (beam search) still appends in place."""
+    n, heads, t, size = cache.shape
+    room = cache_room(cache)
+    whole = cache.as_strided((n, heads, room, size), cache.stride(), cache.storage_offset())
+    return take_rows(whole, index)[:, :, :t]
+
+
 def append_to_cache(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, version: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -68,9 +87,7 @@ def append_to_cache(
     n, heads, t, size = k_cache.shape
     length = t + k.size(2)
     stride = k_cache.stride()
-    in_buffer = stride[3] == 1 and stride[2] == size and stride[0] == heads * stride[1]
-    room = stride[1] // size if in_buffer else t
-    if version == k_cache._version and room >= length and k_cache.dtype == k.dtype and not k.requires_grad:
+    if version == k_cache._version and cache_room(k_cache) >= length and k_cache.dtype == k.dtype and not k.requires_grad:
         k_all = k_cache.as_strided((n, heads, length, size), stride, k_cache.storage_offset())
         v_all = v_cache.as_strided((n, heads, length, size), v_cache.stride(), v_cache.storage_offset())
     else:
@@ -192,6 +209,12 @@ class Transformer(EncoderDecoder):
             "self_kv_versions": [None for _ in self.decoder],
             "step": 0,
         }
+
+    def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
+        """As ``EncoderDecoder.reorder_state``; the self-attention cache keeps its room (``select_with_room``)."""
+        rest = super().reorder_state({k: v for k, v in state.items() if k != "self_kv"}, index, within_sources)
+        cache = [(select_with_room(k, index), select_with_room(v, index)) for k, v in state["self_kv"]]
+        return dict(rest, self_kv=cache, self_kv_versions=[k._version for k, _ in cache])
 
     def _run_decoder(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, dict]:
         """Run the decoder blocks over |x| = (batch_size, length, hidden_size) after the state's cached
