@@ -108,9 +108,11 @@ def checkpoint_problem(data: Any) -> str | None:
     for key in ("src_spm", "tgt_spm"):
         if meta[key] is not None and not isinstance(meta[key], bytes):
             return f"its {key} is neither bytes nor None"
-    model = data["model"]
-    if not _is_state(model) or not all(torch.is_tensor(v) for v in model.values()):
-        return "its model weights are not a state dict of tensors"
+    # the weights, and the RL phase's frozen start model (KL penalty)
+    for key, what in (("model", "model weights"), ("reference", "KL start model's weights")):
+        weights = data.get(key, {})
+        if not _is_state(weights) or not all(torch.is_tensor(v) for v in weights.values()):
+            return f"its {what} are not a state dict of tensors"
     for key in ("optimizer", "scheduler", "scaler", "trainer", "best_checkpointer"):
         if key in data and not _is_state(data[key]):
             return f"its {key} state is not a dict"

@@ -28,6 +28,7 @@ from simple_nmt.config import (
     INHERITED,
     LOCAL,
     Config,
+    ConfigError,
     ModelOptions,
     TranslateOptions,
     check_value,
@@ -65,9 +66,7 @@ from simple_nmt.trainer import (
     run_until_done_or_interrupted,
 )
 
-
-class OptionError(ValueError):
-    """Options that do not fit together; the message is one line naming them."""
+OptionError = ConfigError  # options that do not fit together; the message is one line naming them
 
 
 def _parse_text(f: dataclasses.Field, hint: Any) -> Callable[[str], Any]:
@@ -487,7 +486,7 @@ def reported_errors() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
             yield
-    except (DataError, CheckpointError, OptionError, NonFiniteLossError, PrecisionError) as e:
+    except (DataError, CheckpointError, ConfigError, NonFiniteLossError, PrecisionError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
         _fail(str(e), code=128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
@@ -495,8 +494,9 @@ def reported_errors() -> Iterator[None]:
 
 def main_train(argv: Sequence[str] | None = None) -> None:
     """Entry point of train.py."""
-    config = Config.from_dict(vars(train_parser().parse_args(argv)))
+    given = vars(train_parser().parse_args(argv))
     with reported_errors():
+        config = Config.from_dict(given)
         check_training_outputs(config)
         with process_group(use_gpu=config.gpu_id >= 0):
             run_training(config, None, rl_only=False)

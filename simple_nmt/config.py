@@ -262,15 +262,34 @@ class RLOptions(Options):
     rl_top_k: int = option(0, "sample from the k best tokens (0: all)", minimum=0)
     rl_top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", above=0.0, maximum=1.0)
     rl_mle_weight: float = option(0.0, "add this weight times the MLE loss on the reference", minimum=0.0)
+    rl_adv_norm: bool = option(
+        False, "divide each source's advantages by the standard deviation of its K+1 rewards (as GRPO); a "
+               "source whose rewards are all equal gets advantage 0")
+    rl_kl_weight: float = option(
+        0.0, "subtract this weight times log P(y) - log P_start(y), the log-ratio of each sample to the frozen "
+             "model RL started from, from its reward (a KL penalty, as in TRL)", minimum=0.0)
+    rl_n_best: int = option(
+        0, "--rl_objective mrt: add the N best hypotheses of a beam search of size N to each source's "
+           "candidates (Edunov et al., 2018)", minimum=0)
 
 
 # train.py's option groups, in --help order
 CONFIG_GROUPS = (RunOptions, DataOptions, ModelOptions, TrainingOptions, RLOptions)
 
 
+class ConfigError(ValueError):
+    """Options that do not fit together; the message is one line naming them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Config(RLOptions, TrainingOptions, ModelOptions, DataOptions, RunOptions):
     """All the options of a training run (train.py, continue_train.py), read by attribute."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rl_n_best and self.rl_objective != "mrt":
+            raise ConfigError(f"--rl_n_best {self.rl_n_best}: beam-search candidates are not samples of the "
+                              "model, so they need --rl_objective mrt (the risk over the candidates)")
 
     @property
     def decoding_length(self) -> int:

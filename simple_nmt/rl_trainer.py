@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -154,6 +156,36 @@ def sequence_log_probs(
     return torch.cat(log_p)[torch.cat(rows).argsort()]
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no graph for the enclosed code, the model's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def per_source_concat(a: torch.Tensor, n_a: int, b: torch.Tensor, n_b: int) -> torch.Tensor:
+    """Rows of ``a`` (n_a per source) and of ``b`` (n_b per source) as n_a + n_b rows per source, PAD-padded.
+
+    |a| = (batch_size * n_a, length_a), |b| = (batch_size * n_b, length_b)
+    -> (batch_size * (n_a + n_b), max(length_a, length_b)).
+    """
+    length = max(a.size(1), b.size(1))
+    a, b = (torch.nn.functional.pad(x, (0, length - x.size(1)), value=PAD) for x in (a, b))
+    return torch.cat([a.view(-1, n_a, length), b.view(-1, n_b, length)], dim=1).view(-1, length)
+
+
+def per_source_normalized(values: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """|values| = (batch_size, m) divided by the standard deviation of each source's |rewards| =
+    (batch_size, n); 0 for a source whose rewards are all equal (its candidates tell nothing apart)."""
+    std = rewards.std(dim=1, keepdim=True, correction=0)  # |std| = (batch_size, 1)
+    return torch.where(std > 0, values / std.clamp(min=torch.finfo(std.dtype).tiny), torch.zeros_like(values))
+
+
 def baseline_and_actors(rewards: torch.Tensor, kind: str, greedy_rewards: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which samples get a gradient, and the baseline each is compared with.
@@ -233,62 +265,118 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         # same number of forwards, so a model with buffers is re-scored in one forward
         has_buffers = any(True for _ in self.raw_model.buffers())
         self._bucket_ratio = math.inf if isinstance(self.model, DistributedDataParallel) and has_buffers else 1.5
+        # the frozen start model of the KL penalty (saved in checkpoints, so that a resumed run keeps it)
+        self.reference = None
+        if self.config.rl_kl_weight > 0:
+            self.reference = copy.deepcopy(self.raw_model).eval().requires_grad_(False)
+            self.metric_names = (*type(self).metric_names, "kl")
+        if self.config.rl_n_best and not hasattr(self.raw_model, "batch_beam_search"):
+            raise ValueError("--rl_n_best needs a model with batch_beam_search (EncoderDecoder's)")
 
-    def sample(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool = False) -> torch.Tensor:
+    def resume(self, checkpoint: Mapping[str, Any], lr: float | None = None) -> None:
+        """As the MLE engine's, and the KL penalty's start model where the checkpoint holds one (else the
+        start model is the checkpoint's model)."""
+        super().resume(checkpoint, lr)
+        if self.reference is not None and "reference" in checkpoint:
+            self.reference.load_state_dict(checkpoint["reference"])
+
+    def sample(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool = False,
+               with_log_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``n`` outputs per source from one batched search, without a graph.
 
         The search runs in eval mode (no dropout): the samples come from the model
         that translates at test time; the re-scoring forward runs in train mode.
 
         Returns:
-            |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1.
+            |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1;
+            with ``with_log_probs`` also the search's log-probs of their tokens, of the same shape.
         """
         c = self.config
         kwargs = {"is_greedy": is_greedy, "max_length": c.decoding_length, "temperature": c.rl_temperature,
                   "top_k": c.rl_top_k, "top_p": c.rl_top_p}
-        model, was_training = self.raw_model, self.raw_model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                if self._search_repeats_state:
-                    out = model.search(src, src_lengths, n_samples=n, **kwargs)
-                else:  # a research model without n_samples: repeat the sources instead
-                    out = model.search(src.repeat_interleave(n, 0), src_lengths.repeat_interleave(n, 0), **kwargs)
-        finally:
-            model.train(was_training)
-        return output_ids(out)
+        model = self.raw_model
+        with evaluating(model):
+            if self._search_repeats_state:
+                out = model.search(src, src_lengths, n_samples=n, **kwargs)
+            else:  # a research model without n_samples: repeat the sources instead
+                out = model.search(src.repeat_interleave(n, 0), src_lengths.repeat_interleave(n, 0), **kwargs)
+        if not with_log_probs:
+            return output_ids(out)
+        if not isinstance(out, tuple):
+            raise ValueError("--rl_kl_weight needs the log-probs of the samples: the model's search returns ids "
+                             "only; return (ids, log_probs) as EncoderDecoder.search does")
+        return out[0], out[1]
+
+    def n_best(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` best hypotheses of a beam search of size ``n`` per source (eval mode, no graph),
+        laid out as ``sample``'s: |ids| = (batch_size * n, length), EOS ended unless cut, then PAD."""
+        limit = self.config.decoding_length
+        with evaluating(self.raw_model):
+            hyps, _ = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit, n_best=n)
+        rows = [h + [EOS] if len(h) < limit else h for per_source in hyps for h in per_source]
+        ids = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long, device=src.device)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix."""
+        """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix.
+
+        With ``rl_kl_weight`` the rewards are first shaped by the log-ratio to the frozen start
+        model; with ``rl_n_best`` the beam's n-best list joins the candidates of the risk; with
+        ``rl_adv_norm`` each source's advantages (risk: rewards) are divided by the standard
+        deviation of its candidates' rewards.
+        """
         c = self.config
         src, src_lengths = batch["src"], batch["src_lengths"]
         batch_size, n = src.size(0), c.rl_n_samples + 1
         refs = strip_eos(batch["tgt"][:, 1:])  # |refs| = (batch_size, length)
 
-        samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
+        if c.rl_kl_weight > 0:
+            samples, search_log_probs = self.sample(src, src_lengths, n, with_log_probs=True)
+        else:
+            samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
+        if c.rl_n_best:  # the candidates of each source: its n samples, then its n-best list
+            beams = self.n_best(src, src_lengths, c.rl_n_best)
+            samples = per_source_concat(samples, n, beams, c.rl_n_best)
+            n += c.rl_n_best
         hyps = strip_eos(samples)
         rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
-        greedy_rewards = None
+        scores, extra = rewards, {}
+        if c.rl_kl_weight > 0:
+            with torch.no_grad():
+                start_log_p = sequence_log_probs(self.reference, src, src_lengths, samples)
+            log_ratio = (search_log_probs.float().sum(dim=1) - start_log_p).view(batch_size, n)
+            scores = rewards - c.rl_kl_weight * log_ratio  # |scores| = (batch_size, n)
+            extra["kl"] = float(log_ratio.mean())
+        greedy_scores = None
         if c.rl_baseline == "greedy":
             greedy = self.sample(src, src_lengths, 1, is_greedy=True)
-            greedy_rewards = self.reward(strip_eos(greedy), refs).float()
+            greedy_scores = self.reward(strip_eos(greedy), refs).float()
+            if c.rl_kl_weight > 0:  # the greedy output's log-ratio, as the samples'
+                with torch.no_grad(), evaluating(self.raw_model):
+                    greedy_log_p = sequence_log_probs(self.raw_model, src, src_lengths, greedy)
+                    greedy_log_p = greedy_log_p - sequence_log_probs(self.reference, src, src_lengths, greedy)
+                greedy_scores = greedy_scores - c.rl_kl_weight * greedy_log_p
 
         mrt = c.rl_objective == "mrt"
         if mrt:
-            actors, baselines = torch.ones(n, dtype=torch.bool, device=src.device), torch.zeros_like(rewards)
+            actors, baselines = torch.ones(n, dtype=torch.bool, device=src.device), torch.zeros_like(scores)
         else:
-            actors, baselines = baseline_and_actors(rewards, c.rl_baseline, greedy_rewards)
+            actors, baselines = baseline_and_actors(scores, c.rl_baseline, greedy_scores)
         n_actors = int(actors.sum())
         rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
         log_p = sequence_log_probs(self.model, src, src_lengths, samples[rows], bucket_ratio=self._bucket_ratio,
                                    check_normalized=not self._log_probs_checked)
         self._log_probs_checked = True
         log_p = log_p.view(batch_size, n_actors)
-        advantage = (rewards - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
+        advantage = (scores - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
+        if c.rl_adv_norm:
+            advantage, scores = per_source_normalized(advantage, scores), per_source_normalized(scores, scores)
         if mrt:
-            # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the samples
+            # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the candidates
             q = (c.rl_mrt_alpha * log_p).softmax(dim=1)
-            loss = -(q * rewards).sum(dim=1).mean()
+            loss = -(q * scores).sum(dim=1).mean()
         else:
             loss = -(advantage.detach() * log_p).mean()
         if c.rl_mle_weight > 0:
@@ -304,6 +392,7 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             "adv_std": float(advantage.std(correction=0)),
             "len_ratio": float(sample_lengths.sum() / ref_lengths.sum().clamp(min=1)),
             "no_eos": float((~(samples == EOS).any(dim=1)).float().mean()),
+            **extra,
         }
 
     def validation_score(self, metrics: Mapping[str, float]) -> float:

@@ -39,7 +39,7 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, index)``; a contiguous tensor of 3 or more dimensions is taken as (rows, row
     size), which CPUs copy about twice as fast."""
     if x.dim() > 2 and x.is_contiguous():
-        return x.flatten(1).index_select(0, index).view(-1, *x.shape[1:])
+        return x.flatten(1).index_select(0, index).view(len(index), *x.shape[1:])
     return x.index_select(0, index)
 
 

@@ -407,6 +407,8 @@ def attach_handlers(
     to_save = {"model": engine.raw_model, "optimizer": engine.optimizer, "scheduler": engine.scheduler,
                "scaler": engine.scaler, "trainer": engine, "rng": RandomState(),
                "meta": RunInfo(config, engine.phase, *fields)}
+    if getattr(engine, "reference", None) is not None:  # the RL engine's frozen start model (KL penalty)
+        to_save["reference"] = engine.reference
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
     for name in engine.metric_names:
         RunningAverage(output_transform=lambda out, name=name: out[name], alpha=0.98).attach(engine, name)

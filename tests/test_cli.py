@@ -305,3 +305,23 @@ def test_replaced_bytes_and_dropped_pairs_are_counted_not_silent(toy_dir, tmp_pa
     n_long = sum(len(s.split()) > 8 or len(t.split()) > 8 for s, t in zip(src, tgt))
     assert f"61 pairs, {61 - n_long} kept, {n_long} dropped" in replaced.stdout
     assert "1 lines with replaced bytes" in replaced.stdout
+
+
+def test_the_kl_start_model_is_saved_with_the_rl_checkpoints_and_resumed(toy_dir, tmp_path):
+    from conftest import run_main
+
+    from simple_nmt import cli
+
+    data = ["--train", str(toy_dir / "train"), "--valid", str(toy_dir / "valid"), "--max_length", "12"]
+    run_main(cli.main_train, *data, "--model_fn", str(tmp_path / "m.pth"), *TINY_TRANSFORMER, "--n_epochs", "1",
+             "--rl_n_epochs", "1", "--rl_kl_weight", "0.5", "--verbose", "1", "--optimizer", "adam")
+    start = load_checkpoint(tmp_path / "m.pth")["model"]
+    first = load_checkpoint(tmp_path / "m.rl.epoch1.pth")
+    assert first["reference"].keys() == start.keys()
+    assert all(torch.equal(first["reference"][k], start[k]) for k in start)
+    assert not all(torch.equal(first["model"][k], start[k]) for k in start)  # RL moved the model, not its start
+    done = run_main(cli.main_continue, "--load_fn", str(tmp_path / "m.rl.epoch1.pth"), "--rl_n_epochs", "2",
+                    "--model_fn", str(tmp_path / "r.pth"), "--verbose", "1")
+    assert "kl=" in done.stdout + done.stderr
+    second = load_checkpoint(tmp_path / "r.epoch2.pth")
+    assert all(torch.equal(second["reference"][k], start[k]) for k in start)

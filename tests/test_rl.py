@@ -356,3 +356,91 @@ def test_rl_fine_tuning_raises_held_out_greedy_bleu(kind):
     MinimumRiskTrainingEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), config).run(train, max_epochs=4)
     after = held_out_bleu()
     assert after > before + 3.0, (before, after)
+
+
+class RecordingCandidates(Recording):
+    """Also keeps the n-best lists it added."""
+
+    def n_best(self, *args, **kwargs):
+        self.beams = super().n_best(*args, **kwargs)
+        return self.beams
+
+
+def unigram_log_p(theta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log P(ids) under the Unigram model with parameters ``theta``, up to and including EOS."""
+    counted = ~(after_eos(ids) | (ids == PAD))
+    return (theta.log_softmax(dim=-1)[ids] * counted).sum(dim=1)
+
+
+def test_kl_penalty_shapes_each_reward_by_the_log_ratio_to_the_frozen_start_model():
+    torch.manual_seed(2)
+    model = Unigram()
+    engine = engine_for(model, rl_baseline="loo", rl_kl_weight=0.7)
+    assert engine.reference is not model and not engine.reference.theta.requires_grad
+    with torch.no_grad():
+        engine.reference.theta.copy_(torch.tensor([0.0, 0.0, 0.0, -0.4, 0.9, 0.2, -0.3]))
+        start = engine.reference.theta.clone()
+    loss, output = engine.compute_loss(make_batch())
+    loss.backward()
+    ids = engine.samples[0]  # (ids, log_probs) of the search
+    log_ratio = (unigram_log_p(model.theta.detach(), ids) - unigram_log_p(start, ids)).view(3, 4)
+    scores = count_token_4(strip_eos(ids), None).view(3, 4) - 0.7 * log_ratio
+    advantage = scores - (scores.sum(1, keepdim=True) - scores) / 3
+    grads = analytic_log_prob_grad(model, ids).view(3, 4, VOCAB)
+    torch.testing.assert_close(model.theta.grad, -(advantage[..., None] * grads).mean(dim=(0, 1)),
+                               atol=1e-5, rtol=1e-5)
+    assert output["kl"] == pytest.approx(float(log_ratio.mean()), abs=1e-5)
+    assert torch.equal(engine.reference.theta, start)  # frozen
+
+
+@pytest.mark.parametrize("objective", ["reinforce", "mrt"])
+def test_advantages_normalised_per_source_by_the_std_of_its_rewards(objective):
+    torch.manual_seed(3)
+    model = Unigram()
+    engine = engine_for(model, rl_baseline="loo", rl_adv_norm=True, rl_objective=objective, rl_mrt_alpha=0.5)
+    batch = make_batch(4)
+    loss, _ = engine.compute_loss(batch)
+    loss.backward()
+    ids = engine.samples
+    rewards = count_token_4(strip_eos(ids), None).view(4, 4)
+    std = rewards.std(dim=1, keepdim=True, correction=0)
+    theta = model.theta.detach().clone().requires_grad_(True)
+    if objective == "reinforce":
+        advantage = rewards - (rewards.sum(1, keepdim=True) - rewards) / 3
+        advantage = torch.where(std > 0, advantage / std, torch.zeros_like(advantage))
+        expected = -(advantage * unigram_log_p(theta, ids).view(4, 4)).mean()
+    else:
+        normalised = torch.where(std > 0, rewards / std, torch.zeros_like(rewards))
+        expected = -((0.5 * unigram_log_p(theta, ids).view(4, 4)).softmax(dim=1) * normalised).sum(dim=1).mean()
+    expected.backward()
+    torch.testing.assert_close(model.theta.grad, theta.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_mrt_over_samples_and_the_n_best_list_of_a_beam_search():
+    torch.manual_seed(4)
+    model = Unigram()
+    engine = engine_for(model, RecordingCandidates, rl_objective="mrt", rl_mrt_alpha=0.5, rl_n_best=2)
+    loss, _ = engine.compute_loss(make_batch())
+    loss.backward()
+    beams = engine.beams.view(3, 2, -1)
+    batch = make_batch()
+    hyps, _ = model.batch_beam_search(batch["src"], batch["src_lengths"], beam_size=2, max_length=6, n_best=2)
+    for per_source, rows in zip(hyps, beams.tolist()):  # the n-best lists, ended by EOS unless cut, then PAD
+        ended = [h + [EOS] if len(h) < 6 else h for h in per_source]
+        assert [h + [PAD] * (beams.size(2) - len(h)) for h in ended] == rows
+    samples = engine.samples.view(3, 4, -1)
+    length = max(samples.size(2), beams.size(2))
+    pad = lambda x: torch.nn.functional.pad(x, (0, length - x.size(2)), value=PAD)  # noqa: E731
+    candidates = torch.cat([pad(samples), pad(beams)], dim=1).view(18, length)
+    theta = model.theta.detach().clone().requires_grad_(True)
+    rewards = count_token_4(strip_eos(candidates), None).view(3, 6)
+    risk = -((0.5 * unigram_log_p(theta, candidates).view(3, 6)).softmax(dim=1) * rewards).sum(dim=1).mean()
+    risk.backward()
+    torch.testing.assert_close(model.theta.grad, theta.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_n_best_candidates_need_the_risk_objective():
+    with pytest.raises(ValueError, match="--rl_n_best 2: beam-search candidates are not samples"):
+        default_config(rl_n_best=2)
+    with pytest.raises(ValueError, match="rl_kl_weight: must be >= 0.0"):
+        default_config(rl_kl_weight=-1.0)
