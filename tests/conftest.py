@@ -73,3 +73,15 @@ def run_main(main, *args: str, stdin: str | None = None, check: bool = True) -> 
     if check and code != 0:
         raise AssertionError(f"{main.__name__} failed ({code}):\n{out.getvalue()}\n{err.getvalue()}")
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_in_process(script: str, *args: str, stdin: str | None = None, check: bool = True
+                   ) -> subprocess.CompletedProcess:
+    """``run_script`` for train.py, continue_train.py, translate.py and average_checkpoints.py, run
+    through their entry points in this process (``run_main``): the same results without starting Python."""
+    from simple_nmt import cli
+
+    mains = {"train.py": cli.main_train, "continue_train.py": cli.main_continue, "translate.py": cli.main_translate,
+             "average_checkpoints.py": cli.main_average}
+    return run_main(mains[script], *args, stdin=stdin, check=check)
+
