@@ -184,6 +184,15 @@ def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice(
         extended = torch.cat([tgt, torch.full((2, 1), 5), torch.full((2, 1), 6)], dim=1)
         close(model.decode_step(torch.full((2,), 6), b)[0], model(src, src_lengths, extended)[:, -1])
         close(branch_a, model(src, src_lengths, torch.cat([tgt, torch.full((2, 1), 4)], dim=1))[:, -1])
+    # reordering a state before any step, and one whose cache is a compact copy, works as on any tensor
+    with torch.no_grad():
+        fresh = model.encode(src, src_lengths)
+        index = torch.tensor([1, 0, 1])
+        heads, head_size = state["self_kv"][0][0].size(1), state["self_kv"][0][0].size(3)
+        assert model.reorder_state(fresh, index)["self_kv"][0][0].shape == (3, heads, 0, head_size)
+        compact = dict(state, self_kv=[(k.contiguous(), v.contiguous()) for k, v in state["self_kv"]])
+        for (k, v), (k0, v0) in zip(model.reorder_state(compact, index)["self_kv"], state["self_kv"]):
+            assert torch.equal(k, k0[index]) and torch.equal(v, v0[index])
     # with gradients, the cache is copied, not written in place: backward through the steps works
     state = model.encode(src, src_lengths)
     total = 0

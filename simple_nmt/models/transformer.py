@@ -54,9 +54,11 @@ def cache_room(cache: torch.Tensor) -> int:
     """How many positions the buffer behind |cache| = (batch_size, n_splits, t, head_size) holds (t if none)."""
     n, heads, t, size = cache.shape
     stride = cache.stride()
-    if stride[3] == 1 and stride[2] == size and stride[0] == heads * stride[1]:
-        return stride[1] // size
-    return t
+    if t == 0 or not (stride[3] == 1 and stride[2] == size and stride[0] == heads * stride[1]):
+        return t
+    room = stride[1] // size
+    end = cache.storage_offset() + (n - 1) * stride[0] + (heads - 1) * stride[1] + room * size
+    return room if end * cache.element_size() <= cache.untyped_storage().nbytes() else t
 
 
 def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
