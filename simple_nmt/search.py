@@ -148,11 +148,12 @@ def _greedy(log_probs: torch.Tensor) -> torch.Tensor:
 
 def _sample(log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """One token per row, PAD and BOS never: |log_probs| = (n, vocab_size) -> (n,)."""
-    if top_k or top_p < 1.0:  # the filters rank the tokens that may be emitted
-        return draw(filter_logits(_forbid_specials(log_probs) / temperature, top_k, top_p).softmax(dim=-1))
-    weights = (log_probs.float() if temperature == 1.0 else log_probs.float() / temperature).softmax(dim=-1)
-    weights[:, SPECIALS] = 0.0  # a tensor of its own: changed in place
-    return draw(weights)
+    if temperature == 1.0:
+        allowed = _forbid_specials(log_probs)
+    else:  # the division makes the tensor of its own that PAD and BOS are set in
+        allowed = log_probs.float() / temperature
+        allowed[:, SPECIALS] = float("-inf")
+    return draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
 
 
 @torch.no_grad()
