@@ -89,7 +89,7 @@ def append_to_cache(
     n, heads, t, size = k_cache.shape
     length = t + k.size(2)
     stride = k_cache.stride()
-    fits = cache_room(k_cache) >= length and k_cache.dtype == k.dtype
+    fits = min(cache_room(k_cache), cache_room(v_cache)) >= length and k_cache.dtype == k.dtype
     if version == k_cache._version and fits and not k.requires_grad:
         k_all = k_cache.as_strided((n, heads, length, size), stride, k_cache.storage_offset())
         v_all = v_cache.as_strided((n, heads, length, size), v_cache.stride(), v_cache.storage_offset())
