@@ -290,6 +290,10 @@ class Config(RLOptions, TrainingOptions, ModelOptions, DataOptions, RunOptions):
         if self.rl_n_best and self.rl_objective != "mrt":
             raise ConfigError(f"--rl_n_best {self.rl_n_best}: beam-search candidates are not samples of the "
                               "model, so they need --rl_objective mrt (the risk over the candidates)")
+        if self.rl_n_best and self.rl_kl_weight:
+            raise ConfigError(f"--rl_n_best {self.rl_n_best} with --rl_kl_weight {self.rl_kl_weight}: the KL "
+                              "penalty takes the log-probs of sampled candidates from the search, and the beam's "
+                              "have none; use one of the two")
 
     @property
     def decoding_length(self) -> int:

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.config import Config
-from simple_nmt.data import BOS, EOS, PAD, TextField
+from simple_nmt.data import BOS, EOS, PAD, TextField, pad_batch
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.rewards import Reward, as_reward
 from simple_nmt.search import output_ids, select_state
@@ -313,11 +313,16 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         limit = self.config.decoding_length
         with evaluating(self.raw_model):
             hyps, _ = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit, n_best=n)
-        rows = [h + [EOS] if len(h) < limit else h for per_source in hyps for h in per_source]
-        ids = torch.full((len(rows), max(map(len, rows))), PAD, dtype=torch.long, device=src.device)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return ids
+        return pad_batch([h + [EOS] if len(h) < limit else h for per_source in hyps for h in per_source]
+                         ).to(src.device)
+
+    def log_ratio(self, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
+                  search_log_probs: torch.Tensor) -> torch.Tensor:
+        """log P(ids) - log P_start(ids), without a graph: the first from the search's log-probs of the
+        tokens (|search_log_probs| = |ids|), the second from one teacher-forced pass of the start model."""
+        with torch.no_grad():
+            start_log_p = sequence_log_probs(self.reference, src, src_lengths, ids)
+        return search_log_probs.float().sum(dim=1) - start_log_p  # |log_ratio| = (len(ids),)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix.
@@ -332,7 +337,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         batch_size, n = src.size(0), c.rl_n_samples + 1
         refs = strip_eos(batch["tgt"][:, 1:])  # |refs| = (batch_size, length)
 
-        if c.rl_kl_weight > 0:
+        kl = c.rl_kl_weight > 0
+        if kl:
             samples, search_log_probs = self.sample(src, src_lengths, n, with_log_probs=True)
         else:
             samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
@@ -343,21 +349,19 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         hyps = strip_eos(samples)
         rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
         scores, extra = rewards, {}
-        if c.rl_kl_weight > 0:
-            with torch.no_grad():
-                start_log_p = sequence_log_probs(self.reference, src, src_lengths, samples)
-            log_ratio = (search_log_probs.float().sum(dim=1) - start_log_p).view(batch_size, n)
+        if kl:
+            log_ratio = self.log_ratio(src, src_lengths, samples, search_log_probs).view(batch_size, n)
             scores = rewards - c.rl_kl_weight * log_ratio  # |scores| = (batch_size, n)
             extra["kl"] = float(log_ratio.mean())
         greedy_scores = None
         if c.rl_baseline == "greedy":
-            greedy = self.sample(src, src_lengths, 1, is_greedy=True)
-            greedy_scores = self.reward(strip_eos(greedy), refs).float()
-            if c.rl_kl_weight > 0:  # the greedy output's log-ratio, as the samples'
-                with torch.no_grad(), evaluating(self.raw_model):
-                    greedy_log_p = sequence_log_probs(self.raw_model, src, src_lengths, greedy)
-                    greedy_log_p = greedy_log_p - sequence_log_probs(self.reference, src, src_lengths, greedy)
-                greedy_scores = greedy_scores - c.rl_kl_weight * greedy_log_p
+            if kl:  # the greedy output's score is shaped by its log-ratio, as the samples' are
+                greedy, greedy_log_probs = self.sample(src, src_lengths, 1, is_greedy=True, with_log_probs=True)
+                greedy_scores = self.reward(strip_eos(greedy), refs).float() - c.rl_kl_weight * self.log_ratio(
+                    src, src_lengths, greedy, greedy_log_probs)
+            else:
+                greedy = self.sample(src, src_lengths, 1, is_greedy=True)
+                greedy_scores = self.reward(strip_eos(greedy), refs).float()
 
         mrt = c.rl_objective == "mrt"
         if mrt:
@@ -372,11 +376,12 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         log_p = log_p.view(batch_size, n_actors)
         advantage = (scores - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
         if c.rl_adv_norm:
-            advantage, scores = per_source_normalized(advantage, scores), per_source_normalized(scores, scores)
+            advantage = per_source_normalized(advantage, scores)
         if mrt:
-            # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the candidates
+            # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the candidates;
+            # every candidate is an actor with baseline 0, so its advantage is its (shaped, normalised) reward
             q = (c.rl_mrt_alpha * log_p).softmax(dim=1)
-            loss = -(q * scores).sum(dim=1).mean()
+            loss = -(q * advantage).sum(dim=1).mean()
         else:
             loss = -(advantage.detach() * log_p).mean()
         if c.rl_mle_weight > 0:

@@ -148,11 +148,9 @@ def _greedy(log_probs: torch.Tensor) -> torch.Tensor:
 
 def _sample(log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """One token per row, PAD and BOS never: |log_probs| = (n, vocab_size) -> (n,)."""
-    if temperature == 1.0:
-        allowed = _forbid_specials(log_probs)
-    else:  # the division makes the tensor of its own that PAD and BOS are set in
-        allowed = log_probs.float() / temperature
-        allowed[:, SPECIALS] = float("-inf")
+    allowed = _forbid_specials(log_probs)
+    if temperature != 1.0:
+        allowed /= temperature  # a copy of its own
     return draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
 
 

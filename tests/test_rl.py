@@ -442,5 +442,7 @@ def test_mrt_over_samples_and_the_n_best_list_of_a_beam_search():
 def test_n_best_candidates_need_the_risk_objective():
     with pytest.raises(ValueError, match="--rl_n_best 2: beam-search candidates are not samples"):
         default_config(rl_n_best=2)
+    with pytest.raises(ValueError, match="--rl_n_best 2 with --rl_kl_weight 0.5: the KL penalty"):
+        default_config(rl_n_best=2, rl_objective="mrt", rl_kl_weight=0.5)
     with pytest.raises(ValueError, match="rl_kl_weight: must be >= 0.0"):
         default_config(rl_kl_weight=-1.0)
