@@ -16,6 +16,7 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboard>=2.10"],
+        "hf": ["transformers>=5.24,<6"],
         "test": ["pytest>=7", "nltk>=3.8", "hypothesis>=6", "ruff>=0.5"],
     },
 )

@@ -108,6 +108,9 @@ def checkpoint_problem(data: Any) -> str | None:
     for key in ("src_spm", "tgt_spm"):
         if meta[key] is not None and not isinstance(meta[key], bytes):
             return f"its {key} is neither bytes nor None"
+    hf = meta.get("hf", {})  # a Hugging Face model's config and tokenizer files
+    if not _is_state(hf) or not all(isinstance(v, bytes) for v in hf.values()):
+        return "its Hugging Face files are not a dict of file names to bytes"
     # the weights, and the RL phase's frozen start model (KL penalty)
     for key, what in (("model", "model weights"), ("reference", "KL start model's weights")):
         weights = data.get(key, {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import random
 import re
@@ -37,11 +38,13 @@ from simple_nmt.config import (
     value_type,
 )
 from simple_nmt.data import (
+    LIBRARY_IDS,
     SPECIALS,
     BucketBatchSampler,
     DataError,
     ParallelDataset,
     SentencePieceTokenizer,
+    SpecialIds,
     TextField,
     Tokenizer,
     Vocab,
@@ -52,9 +55,11 @@ from simple_nmt.data import (
     tokenizer_from_bytes,
 )
 from simple_nmt.distributed import is_main_process, process_group, wrap_model
+from simple_nmt.hf import HuggingFaceError, HuggingFaceModel
 from simple_nmt.models import build_model
 from simple_nmt.precision import PrecisionError, resolve_precision
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
+from simple_nmt.search import special_ids
 from simple_nmt.trainer import (
     MaximumLikelihoodEstimationEngine,
     NonFiniteLossError,
@@ -142,7 +147,8 @@ def continue_parser() -> argparse.ArgumentParser:
                "and RL settings not given here, and (to resume exactly) the optimizer, schedule and epoch count. "
                "Where to run, what to log and where to write come from this command line and its defaults.",
     )
-    p.add_argument("--load_fn", required=True, help="the checkpoint to start from")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--load_fn", help="the checkpoint to start from")
     p.add_argument("--reset_optimizer", action="store_true", default=argparse.SUPPRESS,
                    help="keep only the checkpoint's weights and vocabularies: a fresh optimizer, schedule and "
                         "epoch count, e.g. to train --n_epochs more MLE epochs at a new --lr")
@@ -150,7 +156,8 @@ def continue_parser() -> argparse.ArgumentParser:
     groups = {source: p.add_argument_group(title) for source, title in CONTINUE_GROUPS.items()}
     for f in dataclasses.fields(Config):
         source = f.metadata["source"]
-        add_option(groups[source], f, hints[f.name], required=f.name == "model_fn", show_default=source == LOCAL)
+        group = start if f.name == "hf_model" else groups[source]  # where to start from: one of the two
+        add_option(group, f, hints[f.name], required=f.name == "model_fn", show_default=source == LOCAL)
     return p
 
 
@@ -267,9 +274,16 @@ def fields_from_checkpoint(meta: Mapping[str, Any], path: str) -> tuple[TextFiel
 
 
 class Corpus:
-    """Training and validation data of a run, ready for the loaders."""
+    """Training and validation data of a run, ready for the loaders.
 
-    def __init__(self, config: Config, fields: tuple[TextField, TextField] | None, log: Callable[[str], None]):
+    Args:
+        fields: the source and target fields (built from the training text when None).
+        special_ids: the model's special ids, which collate pads and brackets targets with.
+    """
+
+    def __init__(self, config: Config, fields: tuple[TextField, TextField] | None, log: Callable[[str], None],
+                 special_ids: SpecialIds = LIBRARY_IDS):
+        self.collate = functools.partial(collate, ids=special_ids)
         if not config.train or not config.valid:
             raise DataError("--train and --valid are required")
         src, tgt, n_replaced = read_parallel(config.train, config.lang, config.encoding_errors)
@@ -278,13 +292,13 @@ class Corpus:
         self.train = ParallelDataset([src_field.to_ids(x) for x in src], [tgt_field.to_ids(y) for y in tgt],
                                      config.max_length)
         log(f"{config.train}: {len(src)} pairs, {len(self.train)} kept, {self.train.n_dropped} dropped "
-            f"(longer than --max_length {config.max_length}); vocabularies {len(src_field.vocab)} / "
-            f"{len(tgt_field.vocab)}" + (f"; {n_replaced} lines with replaced bytes" if n_replaced else ""))
+            f"(longer than --max_length {config.max_length}); vocabularies {len(src_field)} / "
+            f"{len(tgt_field)}" + (f"; {n_replaced} lines with replaced bytes" if n_replaced else ""))
         if len(self.train) == 0:
             raise DataError(f"{config.train}: every pair is longer than --max_length {config.max_length}")
         v_src, v_tgt, _ = read_parallel(config.valid, config.lang, config.encoding_errors)
         self.valid = ParallelDataset([src_field.to_ids(x) for x in v_src], [tgt_field.to_ids(y) for y in v_tgt])
-        self.valid_references = [tgt_field.tokenizer.decode(tgt_field.tokenizer.encode(y)) for y in v_tgt]
+        self.valid_references = [tgt_field.reference(y) for y in v_tgt]
 
     def loaders(self, config: Config) -> tuple[BucketBatchSampler, DataLoader, DataLoader]:
         """The training batch sampler (call ``set_epoch``), training and validation loaders.
@@ -300,8 +314,8 @@ class Corpus:
                             "processes; lower --batch_size or --max_tokens")
         valid_sampler = BucketBatchSampler(self.valid.lengths(), config.batch_size, config.max_tokens,
                                            shuffle=False, equal_shards=False, **shard)
-        return (sampler, DataLoader(self.train, batch_sampler=sampler, collate_fn=collate),
-                DataLoader(self.valid, batch_sampler=valid_sampler, collate_fn=collate))
+        return (sampler, DataLoader(self.train, batch_sampler=sampler, collate_fn=self.collate),
+                DataLoader(self.valid, batch_sampler=valid_sampler, collate_fn=self.collate))
 
 
 # Training
@@ -400,6 +414,9 @@ def check_weights_fit(config: Config, fields: tuple[TextField, TextField], weigh
 def check_translatable(checkpoint: Mapping[str, Any], path: str) -> None:
     """Refuse a checkpoint that translate.py would refuse: its vocabularies, tokenizers and model options,
     and its weights against them."""
+    if "hf" in checkpoint["meta"]:
+        hf_model_for(TranslateOptions(), checkpoint, path)
+        return
     check_weights_fit(stored_config(checkpoint, path, ModelOptions), fields_from_checkpoint(checkpoint["meta"], path),
                       checkpoint["model"], path)
 
@@ -431,6 +448,32 @@ def model_for(config: Config, fields: tuple[TextField, TextField], weights: Mapp
     return model
 
 
+def hf_model_for(config: Config | TranslateOptions, checkpoint: Mapping[str, Any] | None = None,
+                 path: str | None = None) -> HuggingFaceModel | None:
+    """The Hugging Face model of a run: the checkpoint's (read from ``path``) if it holds one, with its
+    weights, else the one in the folder ``--hf_model``; None for the library's own models."""
+    if checkpoint is not None and "hf" in checkpoint["meta"]:
+        tgt_lang = checkpoint["meta"]["config"].get("hf_tgt_lang")
+        try:
+            model = HuggingFaceModel.from_checkpoint_meta(checkpoint["meta"]["hf"], tgt_lang=tgt_lang)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: {UNUSABLE}: its Hugging Face model files do not load ({detail})"
+                                  ) from None
+        load_model_weights(model, dict(checkpoint["model"]), path)
+        return model
+    if config.hf_model:
+        return HuggingFaceModel.from_pretrained(config.hf_model, tgt_lang=config.hf_tgt_lang)
+    return None
+
+
+def check_hf_length(model: HuggingFaceModel, length: int) -> None:
+    """Refuse a decoding limit (``--max_length``) longer than the Hugging Face model's positions."""
+    if length > model.longest_output:
+        raise OptionError(f"--max_length {length}: {type(model.hf).__name__} decodes at most "
+                          f"{model.longest_output} tokens (its max_position_embeddings); give at most that")
+
+
 def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: bool,
                  reset_optimizer: bool = False, load_fn: str | None = None, resume_lr: float | None = None) -> None:
     """Build data and model, then train.
@@ -449,8 +492,14 @@ def run_training(config: Config, checkpoint: dict[str, Any] | None, rl_only: boo
     seed_everything(config.seed)
     device = pick_device(config.gpu_id)
     resolve_precision(config.precision, device)  # a precision the device cannot run stops here, before the data
-    corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"], load_fn) if checkpoint else None, log)
-    model = model_for(config, corpus.fields, checkpoint["model"] if checkpoint else None, load_fn).to(device)
+    hf = hf_model_for(config, checkpoint, load_fn)
+    if hf is not None:
+        check_hf_length(hf, config.decoding_length)
+        corpus = Corpus(config, hf.fields(), log, hf.special_ids)
+        model = hf.to(device)
+    else:
+        corpus = Corpus(config, fields_from_checkpoint(checkpoint["meta"], load_fn) if checkpoint else None, log)
+        model = model_for(config, corpus.fields, checkpoint["model"] if checkpoint else None, load_fn).to(device)
     resume = None if reset_optimizer else checkpoint
     if checkpoint and checkpoint["meta"]["config"].get("phase") == "rl":
         fit(MinimumRiskTrainingEngine, config, model, corpus, device, config.rl_n_epochs, resume=resume,
@@ -486,7 +535,7 @@ def reported_errors() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
             yield
-    except (DataError, CheckpointError, ConfigError, NonFiniteLossError, PrecisionError) as e:
+    except (DataError, CheckpointError, ConfigError, NonFiniteLossError, PrecisionError, HuggingFaceError) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
         _fail(str(e), code=128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
@@ -505,9 +554,14 @@ def main_train(argv: Sequence[str] | None = None) -> None:
 def main_continue(argv: Sequence[str] | None = None) -> None:
     """Entry point of continue_train.py: resume the checkpoint's phase, or RL if --rl_n_epochs is given."""
     given = vars(continue_parser().parse_args(argv))  # bad values are reported before any work
-    load_fn = given.pop("load_fn")
+    load_fn = given.pop("load_fn", None)
     reset_optimizer = given.pop("reset_optimizer", False)  # not kept in the new checkpoints' config
     with reported_errors():
+        if load_fn is None:
+            if reset_optimizer:
+                raise OptionError("--reset_optimizer needs --load_fn: a Hugging Face model starts afresh anyway")
+            fine_tune_hf(given)
+            return
         checkpoint = load_checkpoint(load_fn)
         config = continued_config(checkpoint, given, load_fn)
         check_training_outputs(config)
@@ -529,6 +583,17 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
                          resume_lr=resume_lr)
 
 
+def fine_tune_hf(given: Mapping[str, Any]) -> None:
+    """continue_train.py --hf_model DIR: MLE for --n_epochs, then (or only) RL for --rl_n_epochs, from the
+    model saved in DIR; the library's checkpoints as usual, and the best weights also in ``STEM.hf/``."""
+    if not {"n_epochs", "rl_n_epochs"} & given.keys():
+        raise OptionError(f"--hf_model {given['hf_model']}: give --n_epochs N (MLE) and/or --rl_n_epochs N (RL)")
+    config = Config.from_dict({"n_epochs": 0, **given})
+    check_training_outputs(config)
+    with process_group(use_gpu=config.gpu_id >= 0):
+        run_training(config, None, rl_only=config.n_epochs == 0)
+
+
 # Translation
 
 
@@ -537,8 +602,9 @@ def translate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Translate stdin (or --input) to stdout (or --output), line by line.")
     hints = typing.get_type_hints(TranslateOptions)
     group = p.add_argument_group(TranslateOptions.__doc__)
+    model = group.add_mutually_exclusive_group(required=True)  # a checkpoint, or a Hugging Face model folder
     for f in dataclasses.fields(TranslateOptions):
-        add_option(group, f, hints[f.name], required=f.name == "model_fn")
+        add_option(model if f.name in ("model_fn", "hf_model") else group, f, hints[f.name])
     return p
 
 
@@ -566,7 +632,7 @@ def translate_lines(
     for start in range(0, len(todo), config.batch_size):
         chunk = todo[start: start + config.batch_size]
         src = [ids[i][: config.max_length] for i in chunk]
-        batch = collate([(0, s, []) for s in src])
+        batch = collate([(0, s, []) for s in src], special_ids(model))
         src_t, lengths = batch["src"].to(device), batch["src_lengths"].to(device)
         hyps, _ = model.batch_beam_search(src_t, lengths, beam_size=config.beam_size,
                                           max_length=config.max_length,
@@ -584,10 +650,15 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
         check_output_path(config.output, "--output")
         device = pick_device(config.gpu_id)
         precision = resolve_precision(config.precision, device)
-        checkpoint = load_checkpoint(config.model_fn, map_location=device)
-        src_field, tgt_field = fields = fields_from_checkpoint(checkpoint["meta"], config.model_fn)
-        model = model_for(stored_config(checkpoint, config.model_fn, ModelOptions), fields, checkpoint["model"],
-                          config.model_fn).to(device)
+        checkpoint = None if config.hf_model else load_checkpoint(config.model_fn, map_location=device)
+        hf = hf_model_for(config, checkpoint, config.model_fn)
+        if hf is not None:
+            check_hf_length(hf, config.max_length)
+            model, (src_field, tgt_field) = hf.to(device), hf.fields()
+        else:
+            src_field, tgt_field = fields = fields_from_checkpoint(checkpoint["meta"], config.model_fn)
+            model = model_for(stored_config(checkpoint, config.model_fn, ModelOptions), fields, checkpoint["model"],
+                              config.model_fn).to(device)
         if config.input:
             lines, _ = read_lines(config.input, "replace")
         else:

@@ -273,6 +273,19 @@ class RLOptions(Options):
            "candidates (Edunov et al., 2018)", minimum=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class HuggingFaceOptions(Options):
+    """Hugging Face models (pip install -e .[hf])"""
+
+    hf_model: str | None = option(
+        None, "a local folder of a Hugging Face encoder-decoder saved with save_pretrained (Marian, T5, mBART, "
+              "NLLB, ...): continue_train.py fine-tunes it, translate.py translates with it; nothing is "
+              "downloaded", source=LOCAL)
+    hf_tgt_lang: str | None = option(
+        None, "the target-language token the decoder starts with (mBART-50: e.g. de_DE, NLLB: deu_Latn; "
+              "default: the model's forced_bos_token_id, if any)", source=FIXED)
+
+
 # train.py's option groups, in --help order
 CONFIG_GROUPS = (RunOptions, DataOptions, ModelOptions, TrainingOptions, RLOptions)
 
@@ -282,7 +295,7 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(RLOptions, TrainingOptions, ModelOptions, DataOptions, RunOptions):
+class Config(HuggingFaceOptions, RLOptions, TrainingOptions, ModelOptions, DataOptions, RunOptions):
     """All the options of a training run (train.py, continue_train.py), read by attribute."""
 
     def __post_init__(self) -> None:
@@ -308,7 +321,7 @@ class Config(RLOptions, TrainingOptions, ModelOptions, DataOptions, RunOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class TranslateOptions(DeviceOptions):
+class TranslateOptions(HuggingFaceOptions, DeviceOptions):
     """translation"""
 
     model_fn: str | None = option(None, "checkpoint to translate with", source=LOCAL)

@@ -15,6 +15,25 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids of a vocabulary's special tokens, which collate, the searches, the rewards and the losses read.
+
+    The library's own vocabularies put them at 0..3 (``LIBRARY_IDS``). A model with a vocabulary
+    of its own declares them as ``model.special_ids`` (a Hugging Face Marian model: EOS 0 and PAD
+    last; T5: PAD 0, EOS 1), so that its ids are used as they are, without a remapping.
+    ``bos`` is the decoder's first input and is never emitted; it may equal ``pad`` (Marian, T5).
+    """
+
+    pad: int = PAD
+    unk: int = UNK
+    bos: int = BOS
+    eos: int = EOS
+
+
+LIBRARY_IDS = SpecialIds()
+
+
 class DataError(ValueError):
     """A problem with user data; the message is one line naming the file (and line)."""
 
@@ -208,6 +227,17 @@ class TextField:
         """Map ids back to a (detokenized) line."""
         return self.tokenizer.decode(self.vocab.decode(ids))
 
+    def reference(self, line: str) -> str:
+        """A reference line as validation BLEU scores it: tokenized and detokenized, as outputs are."""
+        return self.tokenizer.decode(self.tokenizer.encode(line))
+
+    def stored(self) -> tuple[list[str], bytes | None]:
+        """What a checkpoint keeps of this side: the vocabulary and the SentencePiece model (if any)."""
+        return self.vocab.itos, self.tokenizer.model_bytes()
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
 
 class ParallelDataset(torch.utils.data.Dataset):
     """Pairs of id lists, pairs longer than ``max_length`` tokens dropped."""
@@ -241,17 +271,21 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> torch.Tensor:
     return out
 
 
-def collate(examples: Sequence[tuple[int, list[int], list[int]]]) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[tuple[int, list[int], list[int]]], ids: SpecialIds = LIBRARY_IDS
+            ) -> dict[str, torch.Tensor]:
     """Batch examples: ``index`` (B,), ``src`` (B, S), ``src_lengths`` (B,), ``tgt`` = BOS y EOS (B, T + 2).
 
     An empty source becomes a single UNK, so that every source has a length.
+
+    Args:
+        ids: the special ids of the model's vocabulary.
     """
-    src = [s if s else [UNK] for _, s, _ in examples]
+    src = [s if s else [ids.unk] for _, s, _ in examples]
     return {
         "index": torch.tensor([i for i, _, _ in examples], dtype=torch.long),
-        "src": pad_batch(src),
+        "src": pad_batch(src, ids.pad),
         "src_lengths": torch.tensor([len(s) for s in src], dtype=torch.long),
-        "tgt": pad_batch([[BOS] + t + [EOS] for _, _, t in examples]),
+        "tgt": pad_batch([[ids.bos] + t + [ids.eos] for _, _, t in examples], ids.pad),
     }
 
 

@@ -14,22 +14,22 @@ from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.config import Config
-from simple_nmt.data import BOS, EOS, PAD, TextField, pad_batch
+from simple_nmt.data import LIBRARY_IDS, SpecialIds, TextField, pad_batch
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.rewards import Reward, as_reward
-from simple_nmt.search import output_ids, select_state
+from simple_nmt.search import output_ids, select_state, special_ids
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, check_log_probs
 
 
-def after_eos(ids: torch.Tensor) -> torch.Tensor:
+def after_eos(ids: torch.Tensor, eos: int = LIBRARY_IDS.eos) -> torch.Tensor:
     """True at every position after the first EOS: |ids| = (n, length) -> (n, length) bool."""
-    is_eos = (ids == EOS).long()
+    is_eos = (ids == eos).long()
     return (is_eos.cumsum(dim=1) - is_eos) > 0
 
 
-def strip_eos(ids: torch.Tensor) -> torch.Tensor:
+def strip_eos(ids: torch.Tensor, specials: SpecialIds = LIBRARY_IDS) -> torch.Tensor:
     """The tokens before the first EOS, PAD elsewhere: what a reward scores."""
-    return ids.masked_fill(after_eos(ids) | (ids == EOS), PAD)
+    return ids.masked_fill(after_eos(ids, specials.eos) | (ids == specials.eos), specials.pad)
 
 
 class _SelectedLogProbs(torch.autograd.Function):
@@ -128,12 +128,14 @@ def sequence_log_probs(
     if ids.size(0) % src.size(0):
         raise ValueError(f"{ids.size(0)} outputs for {src.size(0)} sources: expected the same number for each")
     source = torch.arange(ids.size(0), device=ids.device) // (ids.size(0) // src.size(0))  # |source| = (len(ids),)
+    specials = special_ids(model)
     state = model.encode(src, src_lengths) if encodes_once(model) else None
     logits = state is None and returns_logits(model)  # the fallback's forward gives logits
-    scored = ~after_eos(ids) & (ids != PAD)  # |scored| = (len(ids), length): the tokens up to and including EOS
+    # |scored| = (len(ids), length): the tokens up to and including EOS
+    scored = ~after_eos(ids, specials.eos) & (ids != specials.pad)
     lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (len(ids),)
     buckets = (lengths.float().log() / math.log(bucket_ratio)).floor().long()
-    tgt_in = torch.cat([torch.full_like(ids[:, :1], BOS), ids[:, :-1]], dim=1)
+    tgt_in = torch.cat([torch.full_like(ids[:, :1], specials.bos), ids[:, :-1]], dim=1)
     rows, log_p = [], []
     for bucket in buckets.unique().tolist():
         index = (buckets == bucket).nonzero().squeeze(1)
@@ -168,14 +170,15 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def per_source_concat(a: torch.Tensor, n_a: int, b: torch.Tensor, n_b: int) -> torch.Tensor:
-    """Rows of ``a`` (n_a per source) and of ``b`` (n_b per source) as n_a + n_b rows per source, PAD-padded.
+def per_source_concat(a: torch.Tensor, n_a: int, b: torch.Tensor, n_b: int, pad: int = LIBRARY_IDS.pad
+                      ) -> torch.Tensor:
+    """Rows of ``a`` (n_a per source) and of ``b`` (n_b per source) as n_a + n_b rows per source, padded with ``pad``.
 
     |a| = (batch_size * n_a, length_a), |b| = (batch_size * n_b, length_b)
     -> (batch_size * (n_a + n_b), max(length_a, length_b)).
     """
     length = max(a.size(1), b.size(1))
-    a, b = (torch.nn.functional.pad(x, (0, length - x.size(1)), value=PAD) for x in (a, b))
+    a, b = (torch.nn.functional.pad(x, (0, length - x.size(1)), value=pad) for x in (a, b))
     return torch.cat([a.view(-1, n_a, length), b.view(-1, n_b, length)], dim=1).view(-1, length)
 
 
@@ -258,8 +261,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
     ):
         super().__init__(model, optimizer, config, scheduler, device, tgt_field)
         decode = tgt_field.to_text if tgt_field is not None else None
-        self.reward = as_reward(reward or self.config.rl_reward, n_gram=self.config.rl_n_gram, pad_id=PAD,
-                                decode=decode)
+        self.reward = as_reward(reward or self.config.rl_reward, n_gram=self.config.rl_n_gram,
+                                pad_id=self.special_ids.pad, decode=decode)
         self._search_repeats_state = "n_samples" in inspect.signature(self.raw_model.search).parameters
         # DistributedDataParallel syncs buffers at every forward: the ranks must then run the
         # same number of forwards, so a model with buffers is re-scored in one forward
@@ -313,7 +316,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         limit = self.config.decoding_length
         with evaluating(self.raw_model):
             hyps, _ = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit, n_best=n)
-        return pad_batch([h + [EOS] if len(h) < limit else h for per_source in hyps for h in per_source]
+        eos, pad = self.special_ids.eos, self.special_ids.pad
+        return pad_batch([h + [eos] if len(h) < limit else h for per_source in hyps for h in per_source], pad
                          ).to(src.device)
 
     def log_ratio(self, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
@@ -335,7 +339,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         c = self.config
         src, src_lengths = batch["src"], batch["src_lengths"]
         batch_size, n = src.size(0), c.rl_n_samples + 1
-        refs = strip_eos(batch["tgt"][:, 1:])  # |refs| = (batch_size, length)
+        specials = self.special_ids
+        refs = strip_eos(batch["tgt"][:, 1:], specials)  # |refs| = (batch_size, length)
 
         kl = c.rl_kl_weight > 0
         if kl:
@@ -344,9 +349,9 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
         if c.rl_n_best:  # the candidates of each source: its n samples, then its n-best list
             beams = self.n_best(src, src_lengths, c.rl_n_best)
-            samples = per_source_concat(samples, n, beams, c.rl_n_best)
+            samples = per_source_concat(samples, n, beams, c.rl_n_best, specials.pad)
             n += c.rl_n_best
-        hyps = strip_eos(samples)
+        hyps = strip_eos(samples, specials)
         rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
         scores, extra = rewards, {}
         if kl:
@@ -357,11 +362,11 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         if c.rl_baseline == "greedy":
             if kl:  # the greedy output's score is shaped by its log-ratio, as the samples' are
                 greedy, greedy_log_probs = self.sample(src, src_lengths, 1, is_greedy=True, with_log_probs=True)
-                greedy_scores = self.reward(strip_eos(greedy), refs).float() - c.rl_kl_weight * self.log_ratio(
-                    src, src_lengths, greedy, greedy_log_probs)
+                greedy_scores = self.reward(strip_eos(greedy, specials), refs).float()
+                greedy_scores -= c.rl_kl_weight * self.log_ratio(src, src_lengths, greedy, greedy_log_probs)
             else:
                 greedy = self.sample(src, src_lengths, 1, is_greedy=True)
-                greedy_scores = self.reward(strip_eos(greedy), refs).float()
+                greedy_scores = self.reward(strip_eos(greedy, specials), refs).float()
 
         mrt = c.rl_objective == "mrt"
         if mrt:
@@ -387,8 +392,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         if c.rl_mle_weight > 0:
             loss = loss + c.rl_mle_weight * super().compute_loss(batch)[0]
 
-        sample_lengths = (hyps != PAD).sum(dim=1).float()
-        ref_lengths = (refs != PAD).sum(dim=1).float().repeat_interleave(n)
+        sample_lengths = (hyps != specials.pad).sum(dim=1).float()
+        ref_lengths = (refs != specials.pad).sum(dim=1).float().repeat_interleave(n)
         return loss, {
             "loss": float(loss.detach()),
             "reward": float(rewards[:, actors].mean()),
@@ -396,7 +401,7 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             "advantage": float(advantage.mean()),
             "adv_std": float(advantage.std(correction=0)),
             "len_ratio": float(sample_lengths.sum() / ref_lengths.sum().clamp(min=1)),
-            "no_eos": float((~(samples == EOS).any(dim=1)).float().mean()),
+            "no_eos": float((~(samples == specials.eos).any(dim=1)).float().mean()),
             **extra,
         }
 

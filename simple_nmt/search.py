@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from simple_nmt.data import BOS, EOS, PAD
+from simple_nmt.data import LIBRARY_IDS, SpecialIds
 
 State = Any
 
@@ -65,6 +66,14 @@ def reorder(model: torch.nn.Module, state: State, index: torch.Tensor, within_so
     """
     reorder_state = getattr(model, "reorder_state", None)
     return select_state(state, index) if reorder_state is None else reorder_state(state, index, within_sources)
+
+
+def special_ids(model: torch.nn.Module) -> SpecialIds:
+    """The special ids of ``model``'s target vocabulary: its ``special_ids`` where it declares them (a Hugging
+    Face model's adapter), else the library's 0..3; through ``DistributedDataParallel`` and ``torch.compile``."""
+    while isinstance(model, DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, DistributedDataParallel) else model._orig_mod
+    return getattr(model, "special_ids", LIBRARY_IDS)
 
 
 def output_ids(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -127,28 +136,30 @@ def below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, torch.nextafter(limit, torch.zeros_like(limit)))
 
 
-SPECIALS = [PAD, BOS]  # never emitted by a decoder
+def never_emitted(ids: SpecialIds) -> list[int]:
+    """The ids a decoder never emits: PAD and BOS."""
+    return [ids.pad, ids.bos]
 
 
-def _forbid_specials(log_probs: torch.Tensor) -> torch.Tensor:
+def _forbid_specials(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     """A float32 copy of |log_probs| = (n, vocab_size) where PAD and BOS have log-prob -inf."""
     log_probs = log_probs.float().clone()
-    log_probs[:, SPECIALS] = float("-inf")
+    log_probs[:, never_emitted(ids)] = float("-inf")
     return log_probs
 
 
-def _greedy(log_probs: torch.Tensor) -> torch.Tensor:
+def _greedy(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     """The best token of each row other than PAD and BOS: |log_probs| = (n, vocab_size) -> (n,)."""
     y = log_probs.argmax(dim=-1)
-    special = (y == PAD) | (y == BOS)
+    special = (y == ids.pad) | (y == ids.bos)
     if special.any():  # rare in a trained model: only these rows are searched again without them
-        y[special] = _forbid_specials(log_probs[special]).argmax(dim=-1)
+        y[special] = _forbid_specials(log_probs[special], ids).argmax(dim=-1)
     return y
 
 
-def _sample(log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def _sample(log_probs: torch.Tensor, ids: SpecialIds, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """One token per row, PAD and BOS never: |log_probs| = (n, vocab_size) -> (n,)."""
-    allowed = _forbid_specials(log_probs)
+    allowed = _forbid_specials(log_probs, ids)
     if temperature != 1.0:
         allowed /= temperature  # a copy of its own
     return draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
@@ -169,7 +180,7 @@ def sample_search(
     """Greedy decoding or ancestral sampling, for the whole batch at once.
 
     Args:
-        model: offers ``encode`` and ``decode_step``.
+        model: offers ``encode`` and ``decode_step`` (and ``special_ids`` if its vocabulary's are not 0..3).
         src: |src| = (batch_size, src_length) token ids.
         src_lengths: |src_lengths| = (batch_size,).
         is_greedy: argmax at each step, else sample.
@@ -186,22 +197,26 @@ def sample_search(
     """
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
+    specials = special_ids(model)
     state = model.encode(src, src_lengths)
     if n_samples > 1:
         state = repeat_state(state, n_samples)
     n = src.size(0) * n_samples
-    ids = torch.full((n, max_length), PAD, dtype=torch.long, device=src.device)
+    ids = torch.full((n, max_length), specials.pad, dtype=torch.long, device=src.device)
     log_probs = torch.zeros(n, max_length, device=src.device)
     rows = torch.arange(n, device=src.device)  # the output rows that the state still decodes
-    y = torch.full((n,), BOS, dtype=torch.long, device=src.device)
+    y = torch.full((n,), specials.bos, dtype=torch.long, device=src.device)
     done = torch.zeros(n, dtype=torch.bool, device=src.device)
     for t in range(max_length):
         step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(rows), vocab_size)
-        y = _greedy(step_log_probs) if is_greedy else _sample(step_log_probs, temperature, top_k, top_p)
-        y = y.masked_fill(done, PAD)  # |y| = (len(rows),)
+        if is_greedy:
+            y = _greedy(step_log_probs, specials)
+        else:
+            y = _sample(step_log_probs, specials, temperature, top_k, top_p)
+        y = y.masked_fill(done, specials.pad)  # |y| = (len(rows),)
         ids[rows, t] = y
         log_probs[rows, t] = step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0)
-        done = done | (y == EOS)
+        done = done | (y == specials.eos)
         n_done = int(done.sum())
         if n_done == len(rows):
             break
@@ -248,6 +263,7 @@ def beam_search(
         best first, and their scores, |scores| = (batch_size, n_best).
     """
     batch_size, k, device = src.size(0), beam_size, src.device
+    specials = special_ids(model)
     limits = torch.full((batch_size,), max_length, dtype=torch.long, device=device)
     if max_length_ratio > 0:
         by_ratio = torch.ceil(src_lengths.to(device).float() * max_length_ratio).long() + 1
@@ -258,16 +274,16 @@ def beam_search(
     seqs = torch.empty(batch_size * k, 0, dtype=torch.long, device=device)
     lengths = torch.zeros(batch_size * k, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
-    y = torch.full((batch_size * k,), BOS, dtype=torch.long, device=device)
+    y = torch.full((batch_size * k,), specials.bos, dtype=torch.long, device=device)
     offsets = torch.arange(batch_size, device=device)[:, None] * k  # |offsets| = (batch_size, 1)
     for t in range(int(limits.max())):
         step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (batch_size * k, vocab_size)
         vocab_size = step_log_probs.size(-1)
         candidates = scores.view(-1, 1) + step_log_probs.float()  # a tensor of its own: changed in place
-        candidates[:, SPECIALS] = float("-inf")
+        candidates[:, never_emitted(specials)] = float("-inf")
         # a finished hypothesis is extended by PAD at no cost, and by nothing else
         candidates[finished] = float("-inf")
-        candidates[finished, PAD] = scores.view(-1)[finished]
+        candidates[finished, specials.pad] = scores.view(-1)[finished]
         candidates = candidates.view(batch_size, k * vocab_size)
         scores, best = candidates.topk(k, dim=-1)  # |scores| = |best| = (batch_size, k)
         rows = (offsets + best // vocab_size).view(-1)  # |rows| = (batch_size * k,)
@@ -275,7 +291,7 @@ def beam_search(
         state = reorder(model, state, rows, within_sources=True)
         seqs = torch.cat([seqs.index_select(0, rows), y[:, None]], dim=1)
         lengths = lengths.index_select(0, rows) + (~finished.index_select(0, rows)).long()
-        finished = finished.index_select(0, rows) | (y == EOS)
+        finished = finished.index_select(0, rows) | (y == specials.eos)
         finished |= (t + 1 >= limits).repeat_interleave(k)
         if finished.all():
             break
@@ -285,17 +301,17 @@ def beam_search(
     chosen = seqs.view(batch_size, k, -1).gather(
         1, top[:, :, None].expand(-1, -1, seqs.size(1))
     ).tolist()
-    hyps = [[_strip(h) for h in per_source] for per_source in chosen]
+    hyps = [[_strip(h, specials) for h in per_source] for per_source in chosen]
     return hyps, top_scores
 
 
-def _strip(ids: list[int]) -> list[int]:
+def _strip(ids: list[int], specials: SpecialIds) -> list[int]:
     """Cut an id list at its first EOS and drop PAD."""
     out = []
     for i in ids:
-        if i == EOS:
+        if i == specials.eos:
             break
-        if i != PAD:
+        if i != specials.pad:
             out.append(i)
     return out
 

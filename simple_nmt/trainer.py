@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from simple_nmt.checkpoint import AtomicSaver, save_checkpoint
 from simple_nmt.config import Config, as_config
-from simple_nmt.data import PAD, TextField
+from simple_nmt.data import LIBRARY_IDS, SpecialIds, TextField
 from simple_nmt.distributed import is_main_process
 from simple_nmt.precision import resolve_precision
-from simple_nmt.search import output_ids
+from simple_nmt.search import output_ids, special_ids
 
 # the trainer state's counters of non-finite updates: in a row, and in all
 SKIP_COUNTERS = ("n_bad_steps", "n_skipped_steps")
@@ -95,6 +95,11 @@ class MaximumLikelihoodEstimationEngine(Engine):
         self._log_probs_checked = False
 
     @property
+    def special_ids(self) -> SpecialIds:
+        """The special ids of the model's vocabulary (``simple_nmt.search.special_ids``)."""
+        return special_ids(self.model)
+
+    @property
     def raw_model(self) -> torch.nn.Module:
         """The model without its ``DistributedDataParallel`` wrapper (the model itself in a single process)."""
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
@@ -108,7 +113,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
         if not self._log_probs_checked:
             check_log_probs(log_probs)
             self._log_probs_checked = True
-        loss, nll, n_tokens = token_losses(log_probs, tgt[:, 1:], self.config.label_smoothing)
+        loss, nll, n_tokens = token_losses(log_probs, tgt[:, 1:], self.config.label_smoothing, self.special_ids.pad)
         mean_nll = float(nll) / max(n_tokens, 1)
         return loss / max(n_tokens, 1), {"loss": mean_nll, "ppl": math.exp(min(mean_nll, 100.0))}
 
@@ -229,7 +234,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
                 log_probs = model(batch["src"], batch["src_lengths"], batch["tgt"][:, :-1])
                 ids = output_ids(model.search(batch["src"], batch["src_lengths"],
                                               max_length=self.config.decoding_length))
-            _, nll, n_tokens = token_losses(log_probs, batch["tgt"][:, 1:], 0.0)
+            _, nll, n_tokens = token_losses(log_probs, batch["tgt"][:, 1:], 0.0, self.special_ids.pad)
             total_nll, total_tokens = total_nll + float(nll), total_tokens + n_tokens
             for i, row in zip(batch["index"].tolist(), ids.tolist()):
                 hyps[i] = self.tgt_field.to_text(row)
@@ -243,19 +248,20 @@ class MaximumLikelihoodEstimationEngine(Engine):
 
 
 def token_losses(
-    log_probs: torch.Tensor, target: torch.Tensor, label_smoothing: float
+    log_probs: torch.Tensor, target: torch.Tensor, label_smoothing: float, pad: int = LIBRARY_IDS.pad
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Summed label-smoothed loss, summed NLL and the number of target tokens (PAD ignored).
 
     Args:
         log_probs: |log_probs| = (batch_size, length, vocab_size).
         target: |target| = (batch_size, length).
+        pad: the target vocabulary's PAD id.
     """
     flat_log_probs, flat_target = log_probs.flatten(0, 1).float(), target.flatten()
     # |flat_log_probs| = (batch_size * length, vocab_size)
     # torch's label smoothing written out over log-probs: F.cross_entropy would apply a second
     # log_softmax (and its backward) over the whole (tokens, vocab) tensor
-    mask = flat_target != PAD
+    mask = flat_target != pad
     nll = -flat_log_probs.gather(1, flat_target.unsqueeze(1)).squeeze(1).masked_fill(~mask, 0.0)
     loss = (1.0 - label_smoothing) * nll
     if label_smoothing > 0:
@@ -344,19 +350,18 @@ class RandomState:
 
 
 class RunInfo:
-    """The plain data a checkpoint carries beside the state dicts: config, phase, vocabularies, tokenizers."""
+    """The plain data a checkpoint carries beside the state dicts: config, phase, vocabularies, tokenizers,
+    and what the model adds (``model.checkpoint_meta()``: a Hugging Face model's config and tokenizer files)."""
 
-    def __init__(self, config: Config, phase: str, src_field: TextField, tgt_field: TextField):
+    def __init__(self, config: Config, phase: str, src_field: TextField, tgt_field: TextField,
+                 extra: Mapping[str, Any] | None = None):
         self.config, self.phase, self.src_field, self.tgt_field = config, phase, src_field, tgt_field
+        self.extra = dict(extra or {})
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "config": {**self.config.to_dict(), "phase": self.phase},
-            "src_vocab": self.src_field.vocab.itos,
-            "tgt_vocab": self.tgt_field.vocab.itos,
-            "src_spm": self.src_field.tokenizer.model_bytes(),
-            "tgt_spm": self.tgt_field.tokenizer.model_bytes(),
-        }
+        (src_vocab, src_spm), (tgt_vocab, tgt_spm) = self.src_field.stored(), self.tgt_field.stored()
+        return {"config": {**self.config.to_dict(), "phase": self.phase}, "src_vocab": src_vocab,
+                "tgt_vocab": tgt_vocab, "src_spm": src_spm, "tgt_spm": tgt_spm, **self.extra}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Nothing to restore: the fields are rebuilt from the checkpoint by the CLI."""
@@ -404,9 +409,10 @@ def attach_handlers(
     config = as_config(config)
     if engine.scheduler is None:  # a constant rate, so that the checkpoints resume like the CLI's
         engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda _: 1.0)
+    model_meta = getattr(engine.raw_model, "checkpoint_meta", None)
     to_save = {"model": engine.raw_model, "optimizer": engine.optimizer, "scheduler": engine.scheduler,
                "scaler": engine.scaler, "trainer": engine, "rng": RandomState(),
-               "meta": RunInfo(config, engine.phase, *fields)}
+               "meta": RunInfo(config, engine.phase, *fields, extra=model_meta() if model_meta else None)}
     if getattr(engine, "reference", None) is not None:  # the RL engine's frozen start model (KL penalty)
         to_save["reference"] = engine.reference
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
@@ -443,6 +449,8 @@ def attach_handlers(
                              filename_pattern="{filename_prefix}.epoch{global_step}.pth",
                              global_step_transform=lambda e, _: e.state.epoch)
     engine.add_event_handler(Events.EPOCH_COMPLETED, best)
+    if hasattr(engine.raw_model, "save_pretrained") and is_main_process():
+        _attach_save_pretrained(engine, best, path.with_name(f"{stem}.hf"), log)
     engine.add_event_handler(Events.EPOCH_COMPLETED, every_epoch)
     if config.early_stop > 0:
         engine.add_event_handler(Events.EPOCH_COMPLETED, EarlyStopping(config.early_stop, score, engine))
@@ -504,6 +512,21 @@ def run_until_done_or_interrupted(
             f"interrupted ({signal.Signals(interrupted[0]).name}) at epoch {engine.state.epoch}, iteration "
             f"{engine.state.iteration}; resumable checkpoint saved to {path} "
             f"(resume with continue_train.py --load_fn {path})", signum=interrupted[0])
+
+
+def _attach_save_pretrained(engine: Engine, best: Checkpoint, folder: Path, log: Callable[[str], None]) -> None:
+    """After each epoch whose weights became the best checkpoint, also write them with the model's
+    ``save_pretrained`` (a Hugging Face model's: ``transformers`` loads the folder back)."""
+    written = [best._saved[-1].priority if best._saved else None]
+
+    def write(engine: Engine) -> None:
+        score = best._saved[-1].priority if best._saved else None
+        if score is not None and score != written[0]:
+            engine.raw_model.save_pretrained(folder)
+            written[0] = score
+            log(f"{folder}: the best weights, with save_pretrained")
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, write)
 
 
 def _attach_tensorboard(engine: MaximumLikelihoodEstimationEngine, log_dir: str) -> None:
