@@ -103,7 +103,9 @@ class HuggingFaceModel(EncoderDecoder):
             start = generation.decoder_start_token_id
         if pad is None or eos is None or start is None:
             raise HuggingFaceError(f"{name}: its config lacks pad_token_id, eos_token_id or decoder_start_token_id")
-        forced = getattr(generation, "forced_bos_token_id", None) or getattr(config, "forced_bos_token_id", None)
+        forced = getattr(generation, "forced_bos_token_id", None)
+        if forced is None:  # id 0 is a token (BART's <s>)
+            forced = getattr(config, "forced_bos_token_id", None)
         if tgt_lang is not None:
             if tokenizer is None:
                 raise HuggingFaceError(f"tgt_lang {tgt_lang!r} needs the model's tokenizer")

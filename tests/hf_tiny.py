@@ -1,15 +1,16 @@
 """Tiny random Hugging Face encoder-decoders and word-level tokenizers, made from their configs: nothing downloaded.
 
 Each kind keeps its model's id conventions: Marian (EOS 0, UNK 1, PAD last, decoding from PAD), T5
-(PAD 0, EOS 1, UNK 2, decoding from PAD) and mBART-50 (BOS 0, PAD 1, EOS 2, UNK 3, a source-language
-token before the source and decoding from EOS followed by the forced target-language token).
+(PAD 0, EOS 1, UNK 2, decoding from PAD), mBART-50 (BOS 0, PAD 1, EOS 2, UNK 3, a source-language
+token before the source and decoding from EOS followed by the forced target-language token) and
+BART (the same ids, decoding from EOS followed by the forced <s>, id 0).
 """
 
 from __future__ import annotations
 
 import torch
 
-KINDS = ("marian", "t5", "mbart")
+KINDS = ("marian", "t5", "mbart", "bart")
 WORDS = [f"w{i}" for i in range(24)]  # the tokenizers' ordinary tokens
 SRC_LANG, TGT_LANG = "en_XX", "de_DE"
 
@@ -20,6 +21,8 @@ def vocabulary(kind: str, words: list[str] = WORDS) -> list[str]:
         return ["</s>", "<unk>", *words, "<pad>"]
     if kind == "t5":
         return ["<pad>", "</s>", "<unk>", *words]
+    if kind == "bart":
+        return ["<s>", "<pad>", "</s>", "<unk>", *words]
     return ["<s>", "<pad>", "</s>", "<unk>", *words, SRC_LANG, TGT_LANG]
 
 
@@ -31,8 +34,8 @@ def make_tokenizer(kind: str, words: list[str] = WORDS):
     vocab = {token: i for i, token in enumerate(vocabulary(kind, words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    template = f"{SRC_LANG} $A </s>" if kind == "mbart" else "$A </s>"
-    specials = [(t, vocab[t]) for t in ("</s>", SRC_LANG) if t in vocab]
+    template = {"mbart": f"{SRC_LANG} $A </s>", "bart": "<s> $A </s>"}.get(kind, "$A </s>")
+    specials = [(t, vocab[t]) for t in ("<s>", "</s>", SRC_LANG) if t in vocab]
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
     extra = {"additional_special_tokens": [SRC_LANG, TGT_LANG]} if kind == "mbart" else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
@@ -59,6 +62,10 @@ def make_model(kind: str, seed: int = 0, std: float = 0.5, words: list[str] = WO
         model = tf.T5ForConditionalGeneration(tf.T5Config(
             vocab_size=v, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1, num_heads=2,
             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0))
+    elif kind == "bart":
+        model = tf.BartForConditionalGeneration(tf.BartConfig(vocab_size=v, pad_token_id=1, eos_token_id=2,
+                                                              bos_token_id=0, decoder_start_token_id=2, **sizes))
+        model.generation_config.forced_bos_token_id = 0  # <s>, a token of id 0
     else:
         model = tf.MBartForConditionalGeneration(tf.MBartConfig(vocab_size=v, pad_token_id=1, eos_token_id=2,
                                                                 bos_token_id=0, decoder_start_token_id=2,

@@ -70,7 +70,8 @@ def cut(rows: list[list[int]], model: HuggingFaceModel) -> list[list[int]]:
 
 
 def test_special_ids_are_the_models_own():
-    marian, t5, mbart = (adapter(kind).special_ids for kind in KINDS)
+    marian, t5, mbart, bart = (adapter(kind).special_ids for kind in KINDS)
+    assert (bart.pad, bart.bos, bart.eos) == (1, 0, 2)  # BART's forced <s> has id 0
     v = len(vocabulary("marian"))
     assert (marian.pad, marian.unk, marian.bos, marian.eos) == (v - 1, 1, v - 1, 0)
     assert (t5.pad, t5.unk, t5.bos, t5.eos) == (0, 2, 0, 1)
