@@ -47,7 +47,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,18 +55,13 @@ from nltk.translate.gleu_score import sentence_gleu
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MODELS, VOCAB, is_out_of_memory, limit_memory, machine, peak_rss_mb, table  # noqa: E402
+from common import MODELS, VOCAB, machine, table, time_steps  # noqa: E402
 
 # the project's modules are imported in the workers that use them: the original toolkit's
 # worker imports a package of the same name, simple_nmt, from --classic_dir
 
 SENTENCE_LENGTH = 20  # tokens of every source and reference (EOS aside)
 BATCH_STEP = 8  # --memory_budget_mb finds the largest batch to within this many sources
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
 
 
 def classic_step(model, optimizer, batch, n_samples: int, max_length: int) -> None:
@@ -189,29 +183,10 @@ def worker(args: argparse.Namespace) -> dict:
 
 def measure_steps(args: argparse.Namespace, device: torch.device, step, lengths: list[float] | None) -> dict:
     """The fastest of ``args.steps`` calls of ``step`` after a warm-up, the peak memory, the mean sample length."""
-    if args.memory_budget_mb:
-        limit_memory(device, args.memory_budget_mb)
-    rss_before = current_rss_mb()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times = []
-    try:
-        for _ in range(args.steps + 1):  # the first is a warm-up
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    except (RuntimeError, MemoryError) as error:
-        if is_out_of_memory(error):
-            return {"oom": True}
-        raise
-    memory = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" \
-        else peak_rss_mb() - rss_before
-    mean_length = sum(lengths) / max(len(lengths), 1) if lengths is not None else float("nan")
-    return {"seconds": min(times[1:]), "memory_mb": memory, "mean_length": mean_length}
+    result = time_steps(step, args.steps, device, args.memory_budget_mb)
+    if "oom" not in result:
+        result["mean_length"] = sum(lengths) / max(len(lengths), 1) if lengths is not None else float("nan")
+    return result
 
 
 def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int, precision: str = "fp32") -> dict:

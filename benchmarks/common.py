@@ -80,6 +80,40 @@ def machine(device: torch.device) -> str:
     return f"{where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def time_steps(step: Callable[[], object], n_steps: int, device: torch.device, memory_budget_mb: float = 0) -> dict:
+    """The fastest of ``n_steps`` calls of ``step`` after a warm-up call, and the peak memory they took beyond
+    what the process held before (peak RSS growth on CPU, ``max_memory_allocated`` on GPU), as
+    ``{"seconds", "memory_mb"}``; ``{"oom": True}`` if a step ran out of memory (``memory_budget_mb``, if
+    > 0, is the budget: see ``limit_memory``)."""
+    if memory_budget_mb:
+        limit_memory(device, memory_budget_mb)
+    rss_before = current_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    try:
+        for _ in range(n_steps + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    except (RuntimeError, MemoryError) as error:
+        if is_out_of_memory(error):
+            return {"oom": True}
+        raise
+    memory = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" \
+        else peak_rss_mb() - rss_before
+    return {"seconds": min(times[1:]), "memory_mb": memory}
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
