@@ -1,7 +1,7 @@
 """Multi30k English-German: MLE, then RL fine-tuning, for Seq2Seq and Transformer, with BLEU.
 
     python examples/multi30k/run.py DATA_DIR [--gpu_id 0] [--profile gpu|cpu] [--precision bf16]
-                                    [--models transformer,seq2seq] [--protocols tok,raw]
+                                    [--models transformer,seq2seq,marian] [--protocols tok,raw]
 
 DATA_DIR holds train / val / test_2016_flickr as STEM.en / STEM.de (raw, cased)
 and tok/STEM.lc.norm.tok.{en,de} (lowercased, tokenized by the corpus authors).
@@ -12,6 +12,14 @@ translates test_2016_flickr and val with beam search, and scores:
 - tok: BLEU with `sacrebleu --tokenize none` against the tokenized lowercased
   references (the protocol of published text-only Multi30k results);
 - raw: sacreBLEU (13a) of detokenized cased output against the raw references.
+
+``marian`` (needs ``pip install -e .[hf]``) is a Hugging Face ``MarianMTModel`` built from its
+config (no pretrained weights) with a unigram tokenizer trained on the training text by the
+``tokenizers`` library, saved with ``save_pretrained``, trained from scratch by the library's MLE
+engine through ``continue_train.py --hf_model``, then RL fine-tuned and scored like the others. Its
+row also says how many of 200 validation sentences plain ``transformers`` (``generate`` and
+``batch_decode`` on the saved ``rl.hf`` folder; version 5 has no translation pipeline) translates
+exactly as ``translate.py --hf_model`` does (greedy, both).
 
 Results go to WORKDIR/results.md and the console.
 """
@@ -32,6 +40,7 @@ from pathlib import Path
 from typing import TextIO
 
 import sacrebleu
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +74,9 @@ PROFILES = {
         # without the MLE term, 2e-4 lowered Seq2Seq's validation BLEU from the first epoch on; with it
         # (weight 30: its gradient of the order of the RL term's) validation rose by about 1 at 1e-4 and 2e-4
         "rl_seq2seq": ["--rl_lr", "1e-4", "--rl_mle_weight", "30"],
+        # the cpu Transformer's sizes and schedule, as a Hugging Face Marian model
+        "marian_model": {"d_model": 128, "layers": 3, "heads": 4, "ffn": 512, "dropout": 0.1, "vocab": 6000},
+        "marian": ["--lr", "2e-3", "--warmup_steps", "800", "--n_epochs", "5"],
         "rl_sentences": 12000,
     },
     # the whole pipeline in about a minute on any data, to check a set-up before a long run; its scores mean nothing
@@ -76,6 +88,8 @@ PROFILES = {
                     "--n_epochs", "2"],
         "rl": ["--rl_n_epochs", "1", "--rl_lr", "1e-4", "--rl_n_samples", "2", "--rl_baseline", "loo",
                "--batch_size", "32"],
+        "marian_model": {"d_model": 32, "layers": 1, "heads": 2, "ffn": 64, "dropout": 0.1, "vocab": 300},
+        "marian": ["--lr", "3e-3", "--n_epochs", "2"],
         "rl_sentences": 64,
     },
 }
@@ -129,6 +143,62 @@ def score(hyp_file: Path, ref_file: Path, protocol: str) -> float:
     return sacrebleu.corpus_bleu(hyps, [refs], tokenize=tokenize, force=True).score
 
 
+def make_marian(folder: Path, train_prefix: Path, sizes: dict) -> Path:
+    """A ``MarianMTModel`` from its config and a unigram tokenizer trained on PREFIX.en and PREFIX.de
+    (one vocabulary, shared embeddings, as opus-mt models), saved with ``save_pretrained`` in ``folder``.
+
+    Marian's ids: EOS 0, UNK 1, PAD 2, and decoding starts from PAD.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
+
+    lines = [line for lang in ("en", "de") for line in Path(f"{train_prefix}.{lang}").read_text("utf-8").splitlines()]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=sizes["vocab"], unk_token="<unk>",
+                                                           special_tokens=["</s>", "<unk>", "<pad>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    d, layers, heads = sizes["d_model"], sizes["layers"], sizes["heads"]
+    config = MarianConfig(vocab_size=len(tokenizer), d_model=d, encoder_layers=layers, decoder_layers=layers,
+                          encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=sizes["ffn"],
+                          decoder_ffn_dim=sizes["ffn"], dropout=sizes["dropout"], max_position_embeddings=256,
+                          pad_token_id=2, eos_token_id=0, decoder_start_token_id=2)
+    torch.manual_seed(1)
+    MarianMTModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def transformers_agreement(folder: Path, source: Path, out: Path, n: int, args: argparse.Namespace, common: dict
+                           ) -> float:
+    """The share of the first ``n`` lines of ``source`` that plain transformers (``from_pretrained`` of
+    ``folder``, ``generate``, ``batch_decode``) translates exactly as translate.py --hf_model does (greedy).
+
+    transformers 5 has no translation pipeline any more ("The task translation has been removed"):
+    ``generate`` and ``batch_decode`` are what it did."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    lines = source.read_text(encoding="utf-8").splitlines()[:n]
+    sample = out / "transformers_check.en"
+    sample.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run("translate.py", "--hf_model", str(folder), "--input", str(sample), "--output",
+        str(out / "transformers_check.de"), "--beam_size", "1", "--max_length", "100", "--gpu_id", args.gpu_id,
+        **common)
+    ours = (out / "transformers_check.de").read_text(encoding="utf-8").splitlines()
+    device = "cpu" if args.gpu_id == "-1" else f"cuda:{args.gpu_id}"
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    theirs = []
+    for start in range(0, len(lines), 32):
+        inputs = tokenizer(lines[start: start + 32], return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            ids = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=100,
+                                 bad_words_ids=[[tokenizer.pad_token_id]])
+        theirs += [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return sum(a == b for a, b in zip(ours, theirs)) / len(lines)
+
+
 def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, threads: int) -> dict:
     """MLE (unless --rl_only), RL, then beam-search translation and BLEU of one model under one protocol.
 
@@ -148,7 +218,12 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     where = ["--gpu_id", args.gpu_id, "--precision", args.precision]  # of every command
     if not args.rl_only:
         start = time.time()
-        curve = run("train.py", "--model_fn", str(out / "mle.pth"),
+        if model == "marian":  # a Hugging Face model, made from its config and trained from scratch
+            made = make_marian(out / "start.hf", prefix("train"), profile["marian_model"])
+            script, first = "continue_train.py", ["--hf_model", str(made)]
+        else:
+            script, first = "train.py", []
+        curve = run(script, *first, "--model_fn", str(out / "mle.pth"),
                     "--train", str(prefix("train")), "--valid", str(prefix("val")), "--lang", "ende",
                     *where, "--verbose", "1", *profile["common"], *profile[model],
                     *shlex.split(args.mle_options), **common)
@@ -176,6 +251,9 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
                 "--input", f"{prefix(split)}.en", "--output", str(hyp),
                 "--beam_size", args.beam_size, *where, **common)
             row[f"{phase}_{split}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
+    if model == "marian":
+        row["transformers_agrees"] = transformers_agreement(out / "rl.hf", Path(f"{prefix('val')}.en"), out, 200, args,
+                                                    common)
     say(json.dumps({f"{model}.{protocol}": row}))
     return row
 
@@ -187,7 +265,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="--precision of training, RL and translation (auto: mixed on GPU, fp32 on CPU)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="model sizes and budgets")
-    p.add_argument("--models", default="transformer,seq2seq", help="comma-separated: transformer, seq2seq")
+    p.add_argument("--models", default="transformer,seq2seq",
+                   help="comma-separated: transformer, seq2seq, marian (a Hugging Face model; pip install -e .[hf])")
     p.add_argument("--protocols", default="tok,raw", help="comma-separated: tok, raw")
     p.add_argument("--workdir", type=Path, default=Path("runs/multi30k"), help="outputs")
     p.add_argument("--beam_size", default="5", help="beam size for test and validation translations")
@@ -249,6 +328,10 @@ def main() -> None:
         lines.append(f"| {model} | {protocol} | {r['mle_test_2016_flickr']:.2f} | {r['rl_test_2016_flickr']:.2f} "
                      f"| {delta:+.2f} | {r['mle_val']:.2f} | {r['rl_val']:.2f} | {r['mle_minutes']} "
                      f"| {r['rl_minutes']} |")
+    for key, r in sorted(results.items()):
+        if "transformers_agrees" in r:
+            lines.append(f"\n{key}: plain transformers (generate, batch_decode) on rl.hf gives translate.py's greedy "
+                         f"output for {r['transformers_agrees']:.0%} of 200 validation sentences")
     lines.append("\nValidation BLEU per epoch (greedy, as logged during training):")
     for key, r in sorted(results.items()):
         curves = [" ".join(f"{b:.1f}" for b in r.get(f"{phase}_valid_bleu_per_epoch", [])) for phase in ("mle", "rl")]
