@@ -21,7 +21,8 @@ row also says how many of 200 validation sentences plain ``transformers`` (``gen
 ``batch_decode`` on the saved ``rl.hf`` folder; version 5 has no translation pipeline) translates
 exactly as ``translate.py --hf_model`` does (greedy, both).
 
-Results go to WORKDIR/results.md and the console.
+Results go to WORKDIR/results.md, WORKDIR/results.json and the console; the validation BLEU of each
+epoch to WORKDIR/learning_curves.png (``--plot_only`` draws it again from results.json).
 """
 
 from __future__ import annotations
@@ -258,6 +259,30 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     return row
 
 
+def draw_curves(results: dict, path: Path) -> None:
+    """The validation BLEU of each epoch (greedy, as logged in training) of every run in ``results``: MLE as
+    a solid line, then the RL epochs from the best MLE checkpoint, dashed, as a PNG (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, r in sorted(results.items()):
+        mle, rl = r.get("mle_valid_bleu_per_epoch", []), r.get("rl_valid_bleu_per_epoch", [])
+        (line,) = ax.plot(range(1, len(mle) + 1), mle, marker="o", label=f"{key}: MLE")
+        if rl:
+            ax.plot(range(len(mle) + 1, len(mle) + len(rl) + 1), rl, marker="s", linestyle="--",
+                    color=line.get_color(), label=f"{key}: RL")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation BLEU (greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path, help="the Multi30k folder")
@@ -284,7 +309,12 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=0,
                    help="model/protocol runs at a time (0: one per CPU core on CPU, one on a GPU); "
                         "each run gets OMP_NUM_THREADS = cores / jobs unless it is set")
+    p.add_argument("--plot_only", action="store_true",
+                   help="only draw WORKDIR/learning_curves.png from WORKDIR/results.json")
     args = p.parse_args()
+    if args.plot_only:
+        draw_curves(json.loads((args.workdir / "results.json").read_text()), args.workdir / "learning_curves.png")
+        return
     if args.rl_sentences is not None and args.rl_sentences < 0:
         p.error(f"--rl_sentences must be 0 (all) or more, got {args.rl_sentences}")
     if args.average < 0:
@@ -342,6 +372,7 @@ def main() -> None:
     lines.append(f"\nThis run: {minutes} min, {jobs} run(s) at a time with {threads} thread(s) each "
                  f"on {cores} CPU core(s), profile {args.profile}.")
     (args.workdir / "results.md").write_text("\n".join(lines) + "\n")
+    draw_curves(results, args.workdir / "learning_curves.png")
     say("\n".join(lines))
     if failures:
         sys.exit(failures[0])
