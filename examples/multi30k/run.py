@@ -77,7 +77,7 @@ PROFILES = {
         "rl_seq2seq": ["--rl_lr", "1e-4", "--rl_mle_weight", "30"],
         # the cpu Transformer's sizes and schedule, as a Hugging Face Marian model
         "marian_model": {"d_model": 128, "layers": 3, "heads": 4, "ffn": 512, "dropout": 0.1, "vocab": 6000},
-        "marian": ["--lr", "2e-3", "--warmup_steps", "800", "--n_epochs", "5"],
+        "marian": ["--lr", "2e-3", "--warmup_steps", "800", "--n_epochs", "4"],
         "rl_sentences": 12000,
     },
     # the whole pipeline in about a minute on any data, to check a set-up before a long run; its scores mean nothing
@@ -146,7 +146,10 @@ def score(hyp_file: Path, ref_file: Path, protocol: str) -> float:
 
 def make_marian(folder: Path, train_prefix: Path, sizes: dict) -> Path:
     """A ``MarianMTModel`` from its config and a unigram tokenizer trained on PREFIX.en and PREFIX.de
-    (one vocabulary, shared embeddings, as opus-mt models), saved with ``save_pretrained`` in ``folder``.
+    (one vocabulary, shared embeddings, embeddings scaled by sqrt(d_model) as in opus-mt models' configs:
+    MarianConfig's default leaves them unscaled, beside sinusoidal positions of magnitude 1, and this
+    profile's model then reached validation BLEU 0.36 after its first epoch, 3.45 scaled), saved with
+    ``save_pretrained`` in ``folder``.
 
     Marian's ids: EOS 0, UNK 1, PAD 2, and decoding starts from PAD.
     """
@@ -164,7 +167,7 @@ def make_marian(folder: Path, train_prefix: Path, sizes: dict) -> Path:
     config = MarianConfig(vocab_size=len(tokenizer), d_model=d, encoder_layers=layers, decoder_layers=layers,
                           encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=sizes["ffn"],
                           decoder_ffn_dim=sizes["ffn"], dropout=sizes["dropout"], max_position_embeddings=256,
-                          pad_token_id=2, eos_token_id=0, decoder_start_token_id=2)
+                          scale_embedding=True, pad_token_id=2, eos_token_id=0, decoder_start_token_id=2)
     torch.manual_seed(1)
     MarianMTModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
