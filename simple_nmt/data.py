@@ -34,6 +34,17 @@ class SpecialIds:
 LIBRARY_IDS = SpecialIds()
 
 
+def content_ids(ids: Sequence[int], specials: SpecialIds = LIBRARY_IDS) -> list[int]:
+    """The ids before the first EOS, without PAD and BOS: what an output says."""
+    out = []
+    for i in ids:
+        if i == specials.eos:
+            break
+        if i != specials.pad and i != specials.bos:
+            out.append(i)
+    return out
+
+
 class DataError(ValueError):
     """A problem with user data; the message is one line naming the file (and line)."""
 
@@ -203,13 +214,7 @@ class Vocab:
 
     def decode(self, ids: Sequence[int]) -> list[str]:
         """Map ids to tokens, stopping at EOS and skipping PAD and BOS."""
-        tokens = []
-        for i in ids:
-            if i == EOS:
-                break
-            if i not in (PAD, BOS):
-                tokens.append(self.itos[i])
-        return tokens
+        return [self.itos[i] for i in content_ids(ids)]
 
 
 @dataclass

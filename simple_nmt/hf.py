@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from simple_nmt.data import SpecialIds, collate
+from simple_nmt.data import SpecialIds, collate, content_ids
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.search import select_state, take_rows
 
@@ -282,13 +282,7 @@ class HuggingFaceText:
 
     def to_text(self, ids: Sequence[int]) -> str:
         """The text of ids up to the first EOS, without PAD, BOS and the tokenizer's special tokens."""
-        kept = []
-        for i in ids:
-            if i == self.special_ids.eos:
-                break
-            if i not in (self.special_ids.pad, self.special_ids.bos):
-                kept.append(i)
-        return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(content_ids(ids, self.special_ids), skip_special_tokens=True).strip()
 
     def reference(self, line: str) -> str:
         """The line as validation BLEU scores it: as it is."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from simple_nmt.data import LIBRARY_IDS, SpecialIds
+from simple_nmt.data import LIBRARY_IDS, SpecialIds, content_ids
 
 State = Any
 
@@ -301,17 +301,6 @@ def beam_search(
     chosen = seqs.view(batch_size, k, -1).gather(
         1, top[:, :, None].expand(-1, -1, seqs.size(1))
     ).tolist()
-    hyps = [[_strip(h, specials) for h in per_source] for per_source in chosen]
+    hyps = [[content_ids(h, specials) for h in per_source] for per_source in chosen]
     return hyps, top_scores
-
-
-def _strip(ids: list[int], specials: SpecialIds) -> list[int]:
-    """Cut an id list at its first EOS and drop PAD."""
-    out = []
-    for i in ids:
-        if i == specials.eos:
-            break
-        if i != specials.pad:
-            out.append(i)
-    return out
 
