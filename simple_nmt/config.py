@@ -271,6 +271,8 @@ class RLOptions(Options):
     rl_n_best: int = option(
         0, "--rl_objective mrt: add the N best hypotheses of a beam search of size N to each source's "
            "candidates (Edunov et al., 2018)", minimum=0)
+    rl_n_best_only: bool = option(
+        False, "--rl_n_best: the candidates are the n-best list alone, without samples (as Edunov et al., 2018)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,10 +305,8 @@ class Config(HuggingFaceOptions, RLOptions, TrainingOptions, ModelOptions, DataO
         if self.rl_n_best and self.rl_objective != "mrt":
             raise ConfigError(f"--rl_n_best {self.rl_n_best}: beam-search candidates are not samples of the "
                               "model, so they need --rl_objective mrt (the risk over the candidates)")
-        if self.rl_n_best and self.rl_kl_weight:
-            raise ConfigError(f"--rl_n_best {self.rl_n_best} with --rl_kl_weight {self.rl_kl_weight}: the KL "
-                              "penalty takes the log-probs of sampled candidates from the search, and the beam's "
-                              "have none; use one of the two")
+        if self.rl_n_best_only and not self.rl_n_best:
+            raise ConfigError("--rl_n_best_only needs --rl_n_best N: the size of the n-best list")
 
     @property
     def decoding_length(self) -> int:

@@ -310,29 +310,57 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
                              "only; return (ids, log_probs) as EncoderDecoder.search does")
         return out[0], out[1]
 
-    def n_best(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int) -> torch.Tensor:
-        """The ``n`` best hypotheses of a beam search of size ``n`` per source (eval mode, no graph),
-        laid out as ``sample``'s: |ids| = (batch_size * n, length), EOS ended unless cut, then PAD."""
+    def n_best(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``n`` hypotheses of a beam search of size ``n`` per source (eval mode, no graph), best first
+        by log-probability, laid out as ``sample``'s: |ids| = (batch_size * n, length), EOS ended unless
+        cut, then PAD; and their log-probabilities, |log_p| = (batch_size * n,)."""
         limit = self.config.decoding_length
         with evaluating(self.raw_model):
-            hyps, _ = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit, n_best=n)
+            hyps, log_p = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit,
+                                                           length_penalty=0.0, n_best=n)
         eos, pad = self.special_ids.eos, self.special_ids.pad
-        return pad_batch([h + [eos] if len(h) < limit else h for per_source in hyps for h in per_source], pad
-                         ).to(src.device)
+        ids = pad_batch([h + [eos] if len(h) < limit else h for per_source in hyps for h in per_source], pad)
+        return ids.to(src.device), log_p.reshape(-1).float()
+
+    def candidates(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, with_log_probs: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each source's candidates: ``n`` samples, then (``rl_n_best``) its n-best list, or the n-best
+        list alone (``rl_n_best_only``).
+
+        Returns |ids| = (batch_size * m, length), the m candidates of source i in rows i*m .. i*m + m - 1,
+        and with ``with_log_probs`` their log P from the searches, |log_p| = (batch_size * m,), else None.
+        """
+        c, pad = self.config, self.special_ids.pad
+        log_p = None
+        if not c.rl_n_best_only:
+            if with_log_probs:
+                ids, token_log_probs = self.sample(src, src_lengths, n, with_log_probs=True)
+                log_p = token_log_probs.float().sum(dim=1)
+            else:
+                ids = self.sample(src, src_lengths, n)
+        if c.rl_n_best:
+            beams, beam_log_p = self.n_best(src, src_lengths, c.rl_n_best)
+            if c.rl_n_best_only:
+                return beams, beam_log_p if with_log_probs else None
+            ids = per_source_concat(ids, n, beams, c.rl_n_best, pad)
+            if with_log_probs:
+                log_p = torch.cat([log_p.view(src.size(0), n), beam_log_p.view(src.size(0), -1)], dim=1).view(-1)
+        return ids, log_p
 
     def log_ratio(self, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
-                  search_log_probs: torch.Tensor) -> torch.Tensor:
-        """log P(ids) - log P_start(ids), without a graph: the first from the search's log-probs of the
-        tokens (|search_log_probs| = |ids|), the second from one teacher-forced pass of the start model."""
+                  log_p: torch.Tensor) -> torch.Tensor:
+        """log P(ids) - log P_start(ids), without a graph: the first given (from the search, |log_p| =
+        (len(ids),)), the second from one teacher-forced pass of the start model."""
         with torch.no_grad():
             start_log_p = sequence_log_probs(self.reference, src, src_lengths, ids)
-        return search_log_probs.float().sum(dim=1) - start_log_p  # |log_ratio| = (len(ids),)
+        return log_p - start_log_p  # |log_ratio| = (len(ids),)
 
     def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix.
 
         With ``rl_kl_weight`` the rewards are first shaped by the log-ratio to the frozen start
-        model; with ``rl_n_best`` the beam's n-best list joins the candidates of the risk; with
+        model; with ``rl_n_best`` the beam's n-best list joins the candidates of the risk (or is
+        all of them, ``rl_n_best_only``), the beam's own log-probs entering the KL penalty; with
         ``rl_adv_norm`` each source's advantages (risk: rewards) are divided by the standard
         deviation of its candidates' rewards.
         """
@@ -343,19 +371,13 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         refs = strip_eos(batch["tgt"][:, 1:], specials)  # |refs| = (batch_size, length)
 
         kl = c.rl_kl_weight > 0
-        if kl:
-            samples, search_log_probs = self.sample(src, src_lengths, n, with_log_probs=True)
-        else:
-            samples = self.sample(src, src_lengths, n)  # |samples| = (batch_size * n, sample_length)
-        if c.rl_n_best:  # the candidates of each source: its n samples, then its n-best list
-            beams = self.n_best(src, src_lengths, c.rl_n_best)
-            samples = per_source_concat(samples, n, beams, c.rl_n_best, specials.pad)
-            n += c.rl_n_best
+        samples, search_log_p = self.candidates(src, src_lengths, n, with_log_probs=kl)
+        n = samples.size(0) // batch_size  # |samples| = (batch_size * n, sample_length)
         hyps = strip_eos(samples, specials)
         rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
         scores, extra = rewards, {}
         if kl:
-            log_ratio = self.log_ratio(src, src_lengths, samples, search_log_probs).view(batch_size, n)
+            log_ratio = self.log_ratio(src, src_lengths, samples, search_log_p).view(batch_size, n)
             scores = rewards - c.rl_kl_weight * log_ratio  # |scores| = (batch_size, n)
             extra["kl"] = float(log_ratio.mean())
         greedy_scores = None
@@ -363,7 +385,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             if kl:  # the greedy output's score is shaped by its log-ratio, as the samples' are
                 greedy, greedy_log_probs = self.sample(src, src_lengths, 1, is_greedy=True, with_log_probs=True)
                 greedy_scores = self.reward(strip_eos(greedy, specials), refs).float()
-                greedy_scores -= c.rl_kl_weight * self.log_ratio(src, src_lengths, greedy, greedy_log_probs)
+                greedy_log_p = greedy_log_probs.float().sum(dim=1)
+                greedy_scores -= c.rl_kl_weight * self.log_ratio(src, src_lengths, greedy, greedy_log_p)
             else:
                 greedy = self.sample(src, src_lengths, 1, is_greedy=True)
                 greedy_scores = self.reward(strip_eos(greedy, specials), refs).float()

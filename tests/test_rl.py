@@ -362,8 +362,8 @@ class RecordingCandidates(Recording):
     """Also keeps the n-best lists it added."""
 
     def n_best(self, *args, **kwargs):
-        self.beams = super().n_best(*args, **kwargs)
-        return self.beams
+        self.beams, self.beam_log_p = super().n_best(*args, **kwargs)
+        return self.beams, self.beam_log_p
 
 
 def unigram_log_p(theta: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -439,10 +439,51 @@ def test_mrt_over_samples_and_the_n_best_list_of_a_beam_search():
     torch.testing.assert_close(model.theta.grad, theta.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_mrt_over_the_n_best_list_alone_with_the_kl_penalty_from_the_beams_log_probs():
+    torch.manual_seed(5)
+    model = Unigram()
+    engine = engine_for(model, RecordingCandidates, rl_objective="mrt", rl_mrt_alpha=0.5, rl_n_best=3,
+                        rl_n_best_only=True, rl_kl_weight=0.4)
+    with torch.no_grad():
+        engine.reference.theta.copy_(torch.tensor([0.0, 0.0, 0.0, 0.6, -0.5, 0.4, 0.0]))
+        start = engine.reference.theta.clone()
+    engine.samples = None
+    loss, output = engine.compute_loss(make_batch())
+    loss.backward()
+    assert engine.samples is None  # nothing sampled
+    beams = engine.beams  # |beams| = (3 * 3, length)
+    assert beams.size(0) == 9
+    # the beam's scores are the candidates' log P under the model
+    torch.testing.assert_close(engine.beam_log_p, unigram_log_p(model.theta.detach(), beams))
+    log_ratio = (unigram_log_p(model.theta.detach(), beams) - unigram_log_p(start, beams)).view(3, 3)
+    scores = count_token_4(strip_eos(beams), None).view(3, 3) - 0.4 * log_ratio
+    theta = model.theta.detach().clone().requires_grad_(True)
+    risk = -((0.5 * unigram_log_p(theta, beams).view(3, 3)).softmax(dim=1) * scores).sum(dim=1).mean()
+    risk.backward()
+    torch.testing.assert_close(model.theta.grad, theta.grad, atol=1e-5, rtol=1e-5)
+    assert output["kl"] == pytest.approx(float(log_ratio.mean()), abs=1e-5)
+
+
+def test_kl_penalty_over_samples_and_the_n_best_list_takes_each_candidates_search_log_p():
+    torch.manual_seed(6)
+    model = Unigram()
+    engine = engine_for(model, RecordingCandidates, rl_objective="mrt", rl_mrt_alpha=0.5, rl_n_best=2,
+                        rl_kl_weight=0.4)
+    with torch.no_grad():
+        engine.reference.theta.copy_(torch.tensor([0.0, 0.0, 0.0, 0.6, -0.5, 0.4, 0.0]))
+    _, output = engine.compute_loss(make_batch())
+    samples, beams = engine.samples[0].view(3, 4, -1), engine.beams.view(3, 2, -1)
+    length = max(samples.size(2), beams.size(2))
+    pad = lambda x: torch.nn.functional.pad(x, (0, length - x.size(2)), value=PAD)  # noqa: E731
+    candidates = torch.cat([pad(samples), pad(beams)], dim=1).view(18, length)
+    log_ratio = unigram_log_p(model.theta.detach(), candidates) - unigram_log_p(engine.reference.theta, candidates)
+    assert output["kl"] == pytest.approx(float(log_ratio.mean()), abs=1e-5)
+
+
 def test_n_best_candidates_need_the_risk_objective():
     with pytest.raises(ValueError, match="--rl_n_best 2: beam-search candidates are not samples"):
         default_config(rl_n_best=2)
-    with pytest.raises(ValueError, match="--rl_n_best 2 with --rl_kl_weight 0.5: the KL penalty"):
-        default_config(rl_n_best=2, rl_objective="mrt", rl_kl_weight=0.5)
+    with pytest.raises(ValueError, match="--rl_n_best_only needs --rl_n_best N"):
+        default_config(rl_objective="mrt", rl_n_best_only=True)
     with pytest.raises(ValueError, match="rl_kl_weight: must be >= 0.0"):
         default_config(rl_kl_weight=-1.0)
