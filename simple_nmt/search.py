@@ -9,6 +9,7 @@ batch for K samples and for beams.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,13 @@ def select_state(state: State, index: torch.Tensor, same: tuple[str, ...] = ()) 
     if same and isinstance(state, dict):
         return {k: v if k in same else select_state(v, index) for k, v in state.items()}
     return map_state(state, lambda x: take_rows(x, index))
+
+
+def repeat(model: torch.nn.Module, state: State, n: int) -> State:
+    """Each row of a decoder state ``n`` times: the model's ``repeat_state`` where it has one (every
+    ``EncoderDecoder``), else ``repeat_state``."""
+    repeat_model_state = getattr(model, "repeat_state", None)
+    return repeat_state(state, n) if repeat_model_state is None else repeat_model_state(state, n)
 
 
 def reorder(model: torch.nn.Module, state: State, index: torch.Tensor, within_sources: bool = False) -> State:
@@ -159,6 +167,16 @@ def _greedy(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
 
 def _sample(log_probs: torch.Tensor, ids: SpecialIds, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """One token per row, PAD and BOS never: |log_probs| = (n, vocab_size) -> (n,)."""
+    log_probs, specials = log_probs.float(), never_emitted(ids)
+    # exp(log_probs / temperature), unnormalised, is what draw needs, in one pass over the vocabulary. It
+    # cannot underflow to 0 when PAD and BOS hold at most half the mass: the best other token's log-prob
+    # is then at least -log(2 * vocab_size), and exp(-80) is a normal float32
+    unfiltered = top_k == 0 and top_p == 1.0
+    if unfiltered and temperature >= math.log(2 * log_probs.size(1)) / 80:
+        if float(log_probs[:, specials].exp().sum(dim=1).max()) <= 0.5:
+            weights = log_probs.exp() if temperature == 1.0 else (log_probs * (1.0 / temperature)).exp_()
+            weights[:, specials] = 0.0
+            return draw(weights)
     allowed = _forbid_specials(log_probs, ids)
     if temperature != 1.0:
         allowed /= temperature  # a copy of its own
@@ -200,7 +218,7 @@ def sample_search(
     specials = special_ids(model)
     state = model.encode(src, src_lengths)
     if n_samples > 1:
-        state = repeat_state(state, n_samples)
+        state = repeat(model, state, n_samples)
     n = src.size(0) * n_samples
     ids = torch.full((n, max_length), specials.pad, dtype=torch.long, device=src.device)
     log_probs = torch.zeros(n, max_length, device=src.device)
@@ -268,7 +286,7 @@ def beam_search(
     if max_length_ratio > 0:
         by_ratio = torch.ceil(src_lengths.to(device).float() * max_length_ratio).long() + 1
         limits = torch.minimum(limits, by_ratio)
-    state = repeat_state(model.encode(src, src_lengths), k)
+    state = repeat(model, model.encode(src, src_lengths), k)
     scores = torch.full((batch_size, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # only the first beam is alive at the start
     seqs = torch.empty(batch_size * k, 0, dtype=torch.long, device=device)

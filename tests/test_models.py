@@ -8,6 +8,7 @@ from conftest import make_tiny_model
 
 from simple_nmt.data import BOS, EOS, PAD
 from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model
+from simple_nmt.search import repeat_state
 
 SRC_V, TGT_V = 19, 15
 MODELS = [Seq2Seq, Transformer]
@@ -201,6 +202,54 @@ def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice(
         total = total + step[:, tgt[0, t + 1]].sum()
     total.backward()
     assert model.decoder[0].self_attn.kv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_decoding_under_inference_mode_equals_no_grad(cls):
+    model = make_model(cls).eval()
+    src, src_lengths = pad_batch(random_seqs([5, 3, 4], SRC_V, seed=9))
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.manual_seed(3)
+            sampled = model.search(src, src_lengths, is_greedy=False, max_length=12, n_samples=4)
+            greedy = model.search(src, src_lengths, max_length=12)
+            beams = model.batch_beam_search(src, src_lengths, beam_size=3, n_best=3, max_length=12)
+            state = model.encode(src, src_lengths)
+            _, a = model.decode_step(torch.full((3,), 4), state)
+            twice = [model.decode_step(torch.full((3,), 5), a)[0] for _ in range(2)]  # one state decoded twice
+        results.append((sampled, greedy, beams, twice))
+    (s0, g0, b0, t0), (s1, g1, b1, t1) = results
+    assert all(torch.equal(x, y) for x, y in zip(s0 + g0, s1 + g1))
+    assert b0[0] == b1[0] and torch.equal(b0[1], b1[1])
+    assert torch.equal(t1[0], t1[1]) and torch.equal(t0[0], t1[0])
+
+
+def test_transformer_repeated_state_keeps_one_cross_attention_entry_per_source():
+    model = make_model(Transformer).eval()
+    src, src_lengths = pad_batch(random_seqs([5, 3], SRC_V, seed=10))
+    y = torch.tensor([4, 5, 6, 4, 5, 6])
+    with torch.no_grad():
+        state = model.encode(src, src_lengths)
+        grouped = model.repeat_state(state, 3)
+        assert grouped["group"] == 3 and grouped["cross_kv"] is state["cross_kv"]
+        assert grouped["src_mask"] is state["src_mask"]
+        every_row = repeat_state(state, 3)  # the encoder entries copied for each row
+        for _ in range(3):  # the rows of a source attend to its one copy of the encoder keys
+            step, grouped = model.decode_step(y, grouped)
+            expected, every_row = model.decode_step(y, every_row)
+            close(step, expected)
+        # reordering across sources gives each kept row its source's entries
+        index = torch.tensor([4, 0, 2])
+        reordered = model.reorder_state(grouped, index)
+        assert reordered["group"] == 1
+        for (k, v), (k0, v0) in zip(reordered["cross_kv"], state["cross_kv"]):
+            assert torch.equal(k, k0[index // 3]) and torch.equal(v, v0[index // 3])
+        close(model.decode_step(y[index], reordered)[0],
+              model.decode_step(y[index], model.reorder_state(every_row, index))[0])
+        # within sources (beam search) the per-source entries are kept as they are
+        within = model.reorder_state(grouped, torch.tensor([2, 0, 1, 5, 5, 3]), within_sources=True)
+        assert within["group"] == 3 and within["cross_kv"] is state["cross_kv"]
 
 
 def test_seq2seq_state_carries_projected_keys():

@@ -31,6 +31,10 @@ class EncoderDecoder(nn.Module):
         """One step: |y_prev| = (batch_size,) -> log-probs (batch_size, vocab_size), new state."""
         raise NotImplementedError
 
+    def repeat_state(self, state: dict[str, Any], n: int) -> dict[str, Any]:
+        """Each batch row's state ``n`` times (rows i*n .. i*n + n - 1 decode source i): samples, beams."""
+        return decoding.repeat_state(state, n)
+
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
         """The state's batch rows ``index`` (search ends rows that are done, beam search reorders hypotheses).
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import take_rows
+from simple_nmt.search import select_state, take_rows
 
 
 def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,35 +70,45 @@ def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return take_rows(whole, index)[:, :, :t]
 
 
+# Where a cache's buffer stands: a counter of in-place writes shared by every state made from that buffer,
+# and the count this state saw. A state whose count is behind has been extended by another state since.
+CacheMark = tuple[list[int], int]
+
+
 def append_to_cache(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, version: int | None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The cached keys and values with the new positions ``k``, ``v`` appended, and the cache's version.
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mark: CacheMark | None,
+) -> tuple[torch.Tensor, torch.Tensor, CacheMark]:
+    """The cached keys and values with the new positions ``k``, ``v`` appended, and the new cache's mark.
 
     The cache is a view of a buffer with room for more positions: the new ones are written
     into that room in place, so that a decoding step does not copy the whole cache. A new
     buffer, twice as long, is made when the room runs out, when the types differ, when the
     new keys need a gradient (autograd keeps the cache), and when the buffer has been
-    written since ``version`` (another state decoded from the same cache: it keeps its own).
+    written since ``mark`` (another state decoded from the same cache: it keeps its own).
+    The marks count writes themselves rather than read tensor version counters, which
+    tensors made under ``torch.inference_mode`` do not have.
 
     Args:
         k_cache, v_cache: |k_cache| = (batch_size, n_splits, t, head_size).
         k, v: |k| = (batch_size, n_splits, new, head_size).
-        version: what this function returned for this cache (None: a cache it did not make).
+        mark: what this function returned for this cache (None: a cache it did not make).
     """
     n, heads, t, size = k_cache.shape
     length = t + k.size(2)
     stride = k_cache.stride()
     fits = min(cache_room(k_cache), cache_room(v_cache)) >= length and k_cache.dtype == k.dtype
-    if version == k_cache._version and fits and not k.requires_grad:
+    if mark is not None and mark[0][0] == mark[1] and fits and not k.requires_grad:
         k_all = k_cache.as_strided((n, heads, length, size), stride, k_cache.storage_offset())
         v_all = v_cache.as_strided((n, heads, length, size), v_cache.stride(), v_cache.storage_offset())
+        writes = mark[0]
+        writes[0] += 1
     else:
         buffer = k.new_empty(2, n, heads, max(2 * length, 16), size)
         k_all, v_all = buffer[0, :, :, :length], buffer[1, :, :, :length]
         k_all[:, :, :t], v_all[:, :, :t] = k_cache, v_cache
+        writes = [0]
     k_all[:, :, t:], v_all[:, :, t:] = k, v
-    return k_all, v_all, k_all._version
+    return k_all, v_all, (writes, writes[0])
 
 
 class FeedForward(nn.Sequential):
@@ -137,15 +147,23 @@ class DecoderBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        z: torch.Tensor,
         self_kv: tuple[torch.Tensor, torch.Tensor],
         self_mask: torch.Tensor | None,
         cross_kv: tuple[torch.Tensor, torch.Tensor],
         cross_mask: torch.Tensor,
+        group: int = 1,
     ) -> torch.Tensor:
-        """|x| = (batch_size, length, hidden_size); the self-attention keys/values are given
-        (the whole prefix, cached or not), so that one code path serves training and decoding."""
-        x = x + self.dropout(self.self_attn(self.self_norm(x), *self_kv, self_mask))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), *cross_kv, cross_mask))
+        """|x| = |z| = (batch_size, length, hidden_size), z = self_norm(x) (its keys/values are projected
+        by the caller); the self-attention keys/values are given (the whole prefix, cached or not), so
+        that one code path serves training and decoding. With ``group`` > 1 the cross-attention keys,
+        values and mask are one per source, for ``group`` consecutive rows each (samples or beams)."""
+        x = x + self.dropout(self.self_attn(z, *self_kv, self_mask))
+        c = self.cross_norm(x)
+        # a source's rows become queries of one attention over its keys (cross-attention has no mask
+        # between positions): |c| = (batch_size / group, group * length, hidden_size)
+        c = c.view(-1, group * c.size(1), c.size(2))
+        x = x + self.dropout(self.cross_attn(c, *cross_kv, cross_mask).view_as(x))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -207,17 +225,33 @@ class Transformer(EncoderDecoder):
             "src_mask": src_mask,
             # encoder keys/values, projected once for all steps
             "cross_kv": [block.cross_attn.project_kv(memory) for block in self.decoder],
-            # self-attention cache, one position longer each step, and its versions (append_to_cache)
+            # self-attention cache, one position longer each step, and its marks (append_to_cache)
             "self_kv": [(empty, empty) for _ in self.decoder],
-            "self_kv_versions": [None for _ in self.decoder],
+            "self_kv_marks": [None for _ in self.decoder],
             "step": 0,
+            # rows per source entry: repeat_state keeps the source entries once for n rows
+            "group": 1,
         }
 
+    def repeat_state(self, state: dict[str, Any], n: int) -> dict[str, Any]:
+        """As ``EncoderDecoder.repeat_state``, but the source entries (``source_state_keys``) stay one per
+        source, for ``group`` rows each: the encoder's keys and values are not copied for each row."""
+        rest = super().repeat_state({k: v for k, v in state.items() if k not in self.source_state_keys}, n)
+        kept = {k: state[k] for k in self.source_state_keys}
+        return dict(rest, **kept, group=state["group"] * n)
+
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
-        """As ``EncoderDecoder.reorder_state``; the self-attention cache keeps its room (``select_with_room``)."""
-        rest = super().reorder_state({k: v for k, v in state.items() if k != "self_kv"}, index, within_sources)
+        """As ``EncoderDecoder.reorder_state``; the self-attention cache keeps its room (``select_with_room``).
+        Reordering across sources gives each kept row its own copy of its source's entries."""
+        rest = {k: v for k, v in state.items() if k != "self_kv"}
+        if within_sources:  # the source entries (one per source, or one per row) stay as they are
+            rest = super().reorder_state(rest, index, within_sources=True)
+        else:
+            rows_source = index // state["group"]
+            sources = {k: select_state(rest.pop(k), rows_source) for k in self.source_state_keys}
+            rest = dict(super().reorder_state(rest, index), **sources, group=1)
         cache = [(select_with_room(k, index), select_with_room(v, index)) for k, v in state["self_kv"]]
-        return dict(rest, self_kv=cache, self_kv_versions=[k._version for k, _ in cache])
+        return dict(rest, self_kv=cache, self_kv_marks=[([0], 0) for _ in cache])
 
     def _run_decoder(self, x: torch.Tensor, state: dict[str, Any], causal: bool) -> tuple[torch.Tensor, dict]:
         """Run the decoder blocks over |x| = (batch_size, length, hidden_size) after the state's cached
@@ -226,17 +260,18 @@ class Transformer(EncoderDecoder):
         if causal:
             length = x.size(1)
             self_mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        cache, versions = [], []
-        for block, (k_cache, v_cache), version, cross_kv in zip(
-                self.decoder, state["self_kv"], state.get("self_kv_versions", [None] * len(self.decoder)),
+        cache, marks = [], []
+        for block, (k_cache, v_cache), mark, cross_kv in zip(
+                self.decoder, state["self_kv"], state.get("self_kv_marks", [None] * len(self.decoder)),
                 state["cross_kv"]):
-            k, v = block.self_attn.project_kv(block.self_norm(x))
+            z = block.self_norm(x)
+            k, v = block.self_attn.project_kv(z)
             if k_cache.size(2):
-                k, v, version = append_to_cache(k_cache, v_cache, k, v, version)
+                k, v, mark = append_to_cache(k_cache, v_cache, k, v, mark)
             cache.append((k, v))
-            versions.append(version if k_cache.size(2) else None)
-            x = block(x, (k, v), self_mask, cross_kv, state["src_mask"])
-        return self.decoder_norm(x), {"self_kv": cache, "self_kv_versions": versions}
+            marks.append(mark if k_cache.size(2) else None)
+            x = block(x, z, (k, v), self_mask, cross_kv, state["src_mask"], state["group"])
+        return self.decoder_norm(x), {"self_kv": cache, "self_kv_marks": marks}
 
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = self._embed(self.tgt_emb, y_prev[:, None], start=state["step"])  # (batch_size, 1, hidden_size)
