@@ -62,12 +62,13 @@ def cache_room(cache: torch.Tensor) -> int:
 
 
 def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The batch rows ``index`` of a cache, copied with the room of its buffer, so that a step after a
-    reordering (beam search) still appends in place."""
+    """The batch rows ``index`` of a cache, copied into a buffer with the room of its own, so that a step
+    after a reordering (beam search) still appends in place. Only the t cached positions are copied."""
+    if cache.requires_grad and torch.is_grad_enabled():  # autograd copies the cache at each step anyway
+        return take_rows(cache, index)
     n, heads, t, size = cache.shape
-    room = cache_room(cache)
-    whole = cache.as_strided((n, heads, room, size), cache.stride(), cache.storage_offset())
-    return take_rows(whole, index)[:, :, :t]
+    out = cache.new_empty(len(index), heads, cache_room(cache), size)[:, :, :t]
+    return torch.index_select(cache, 0, index, out=out)
 
 
 # Where a cache's buffer stands: a counter of in-place writes shared by every state made from that buffer,
