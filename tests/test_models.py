@@ -225,17 +225,18 @@ def test_decoding_under_inference_mode_equals_no_grad(cls):
     assert torch.equal(t1[0], t1[1]) and torch.equal(t0[0], t1[0])
 
 
-def test_transformer_repeated_state_keeps_one_cross_attention_entry_per_source():
-    model = make_model(Transformer).eval()
+@pytest.mark.parametrize("cls", MODELS)
+def test_repeated_state_keeps_one_copy_of_the_source_entries_per_source(cls):
+    model = make_model(cls).eval()
     src, src_lengths = pad_batch(random_seqs([5, 3], SRC_V, seed=10))
     y = torch.tensor([4, 5, 6, 4, 5, 6])
     with torch.no_grad():
         state = model.encode(src, src_lengths)
         grouped = model.repeat_state(state, 3)
-        assert grouped["group"] == 3 and grouped["cross_kv"] is state["cross_kv"]
-        assert grouped["src_mask"] is state["src_mask"]
+        assert grouped["group"] == 3
+        assert all(grouped[key] is state[key] for key in cls.source_state_keys)
         every_row = repeat_state(state, 3)  # the encoder entries copied for each row
-        for _ in range(3):  # the rows of a source attend to its one copy of the encoder keys
+        for _ in range(3):  # the rows of a source attend to its one copy of the encoder entries
             step, grouped = model.decode_step(y, grouped)
             expected, every_row = model.decode_step(y, every_row)
             close(step, expected)
@@ -243,13 +244,15 @@ def test_transformer_repeated_state_keeps_one_cross_attention_entry_per_source()
         index = torch.tensor([4, 0, 2])
         reordered = model.reorder_state(grouped, index)
         assert reordered["group"] == 1
-        for (k, v), (k0, v0) in zip(reordered["cross_kv"], state["cross_kv"]):
-            assert torch.equal(k, k0[index // 3]) and torch.equal(v, v0[index // 3])
+        for key in cls.source_state_keys:
+            for copy, original in zip(torch.utils._pytree.tree_leaves(reordered[key]),
+                                      torch.utils._pytree.tree_leaves(state[key])):
+                assert torch.equal(copy, original[index // 3])
         close(model.decode_step(y[index], reordered)[0],
               model.decode_step(y[index], model.reorder_state(every_row, index))[0])
         # within sources (beam search) the per-source entries are kept as they are
         within = model.reorder_state(grouped, torch.tensor([2, 0, 1, 5, 5, 3]), within_sources=True)
-        assert within["group"] == 3 and within["cross_kv"] is state["cross_kv"]
+        assert within["group"] == 3 and all(within[key] is state[key] for key in cls.source_state_keys)
 
 
 def test_seq2seq_state_carries_projected_keys():

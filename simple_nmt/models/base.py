@@ -22,6 +22,9 @@ class EncoderDecoder(nn.Module):
     # entries of the decoder state that depend on the source only, the same for all its hypotheses:
     # beam search, which reorders hypotheses only among those of one source, leaves them as they are
     source_state_keys: tuple[str, ...] = ()
+    # True: decode_step reads those entries once per source for state["group"] consecutive rows, so that
+    # repeat_state (samples, beams) keeps one copy per source instead of one per row
+    groups_rows: bool = False
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:
         """Encode |src| = (batch_size, src_length) into a decoder state (batch first)."""
@@ -32,17 +35,28 @@ class EncoderDecoder(nn.Module):
         raise NotImplementedError
 
     def repeat_state(self, state: dict[str, Any], n: int) -> dict[str, Any]:
-        """Each batch row's state ``n`` times (rows i*n .. i*n + n - 1 decode source i): samples, beams."""
-        return decoding.repeat_state(state, n)
+        """Each batch row's state ``n`` times (rows i*n .. i*n + n - 1 decode source i): samples, beams.
+        With ``groups_rows`` the source entries stay one per source, for ``state["group"]`` rows each."""
+        if not self.groups_rows:
+            return decoding.repeat_state(state, n)
+        rest = decoding.repeat_state({k: v for k, v in state.items() if k not in self.source_state_keys}, n)
+        return dict(rest, **{k: state[k] for k in self.source_state_keys}, group=state["group"] * n)
 
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
         """The state's batch rows ``index`` (search ends rows that are done, beam search reorders hypotheses).
 
         Args:
             within_sources: ``index`` reorders only the rows of each source among themselves: the
-                ``source_state_keys`` entries, equal for those rows, are kept as they are.
+                ``source_state_keys`` entries, equal for those rows, are kept as they are (one per row,
+                or with ``groups_rows`` one per source). Reordering across sources gives each kept
+                row its own copy of its source's entries (group 1).
         """
-        return decoding.select_state(state, index, same=self.source_state_keys if within_sources else ())
+        if within_sources or not self.groups_rows:
+            return decoding.select_state(state, index, same=self.source_state_keys if within_sources else ())
+        rows_source = index // state["group"]
+        rest = decoding.select_state({k: v for k, v in state.items() if k not in self.source_state_keys}, index)
+        return dict(rest, **{k: decoding.select_state(state[k], rows_source) for k in self.source_state_keys},
+                    group=1)
 
     def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Teacher forcing from ``encode``'s state.

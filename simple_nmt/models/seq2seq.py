@@ -27,6 +27,7 @@ class Seq2Seq(EncoderDecoder):
     """
 
     source_state_keys = ("memory", "keys", "pad_mask")
+    groups_rows = True
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class Seq2Seq(EncoderDecoder):
             "memory": memory,
             "keys": self.attn(memory),  # projected once: |keys| = (batch_size, src_length, hidden_size)
             "pad_mask": src == PAD,  # |pad_mask| = (batch_size, src_length)
+            "group": 1,  # rows per source entry: repeat_state keeps the source entries once for n rows
         }
 
     def _step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -89,9 +91,11 @@ class Seq2Seq(EncoderDecoder):
         hidden = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
         with lstm_precision():
             out, (h, c) = self.decoder(x, hidden)  # |out| = (batch_size, 1, hidden_size)
-        scores = torch.bmm(state["keys"], out.transpose(1, 2)).squeeze(2)  # (batch_size, src_length)
-        weights = scores.float().masked_fill(state["pad_mask"], float("-inf")).softmax(dim=-1)
-        context = torch.bmm(weights.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)
+        # the rows of a source attend together to its one copy of the keys: |queries| = (sources, group, hidden_size)
+        queries = out.view(-1, state["group"], out.size(2))
+        scores = torch.bmm(queries, state["keys"].transpose(1, 2))  # |scores| = (sources, group, src_length)
+        weights = scores.float().masked_fill(state["pad_mask"][:, None, :], float("-inf")).softmax(dim=-1)
+        context = torch.bmm(weights.to(state["memory"].dtype), state["memory"]).view(out.size(0), -1)
         h_tilde = self.dropout(torch.tanh(self.concat(torch.cat([out.squeeze(1), context.to(out.dtype)], -1))))
         new_state = dict(state, h=h.transpose(0, 1), c=c.transpose(0, 1), h_tilde=h_tilde)
         return h_tilde, new_state

@@ -11,7 +11,7 @@ from torch import nn
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import select_state, take_rows
+from simple_nmt.search import take_rows
 
 
 def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -181,6 +181,7 @@ class Transformer(EncoderDecoder):
     """
 
     source_state_keys = ("src_mask", "cross_kv")
+    groups_rows = True
 
     def __init__(
         self,
@@ -234,23 +235,9 @@ class Transformer(EncoderDecoder):
             "group": 1,
         }
 
-    def repeat_state(self, state: dict[str, Any], n: int) -> dict[str, Any]:
-        """As ``EncoderDecoder.repeat_state``, but the source entries (``source_state_keys``) stay one per
-        source, for ``group`` rows each: the encoder's keys and values are not copied for each row."""
-        rest = super().repeat_state({k: v for k, v in state.items() if k not in self.source_state_keys}, n)
-        kept = {k: state[k] for k in self.source_state_keys}
-        return dict(rest, **kept, group=state["group"] * n)
-
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
-        """As ``EncoderDecoder.reorder_state``; the self-attention cache keeps its room (``select_with_room``).
-        Reordering across sources gives each kept row its own copy of its source's entries."""
-        rest = {k: v for k, v in state.items() if k != "self_kv"}
-        if within_sources:  # the source entries (one per source, or one per row) stay as they are
-            rest = super().reorder_state(rest, index, within_sources=True)
-        else:
-            rows_source = index // state["group"]
-            sources = {k: select_state(rest.pop(k), rows_source) for k in self.source_state_keys}
-            rest = dict(super().reorder_state(rest, index), **sources, group=1)
+        """As ``EncoderDecoder.reorder_state``; the self-attention cache keeps its room (``select_with_room``)."""
+        rest = super().reorder_state({k: v for k, v in state.items() if k != "self_kv"}, index, within_sources)
         cache = [(select_with_room(k, index), select_with_room(v, index)) for k, v in state["self_kv"]]
         return dict(rest, self_kv=cache, self_kv_marks=[([0], 0) for _ in cache])
 
