@@ -230,9 +230,11 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
         if "seconds" not in r:
             rows.append([model, method, precision, "OOM" if r.get("oom") else r["error"], "", "", ""])
             continue
-        rows.append([model, method, precision, f"{r['seconds']:.3f}", f"{r['memory_mb']:.0f}",
-                     f"{reference['seconds'] / r['seconds']:.2f}x",
-                     f"{r['memory_mb'] / max(reference['memory_mb'], 1e-9):.2f}"])
+        ratios = ["-", "-"]  # the reference failed: its error is its own row
+        if "seconds" in reference:
+            ratios = [f"{reference['seconds'] / r['seconds']:.2f}x",
+                      f"{r['memory_mb'] / max(reference['memory_mb'], 1e-9):.2f}"]
+        rows.append([model, method, precision, f"{r['seconds']:.3f}", f"{r['memory_mb']:.0f}", *ratios])
     return rows
 
 
