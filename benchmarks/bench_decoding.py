@@ -43,12 +43,11 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 def worker(args: argparse.Namespace) -> dict:
     """Measure one (model, method, precision) with the code on sys.path; the numbers as a dict."""
     import torch
-    import torch.nn.functional as F
 
     from simple_nmt.models import Seq2Seq, Transformer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import MODELS, VOCAB  # noqa: E402
+    from common import MODELS, VOCAB, recorded_products, replay_products  # noqa: E402
 
     class NoCacheTransformer(Transformer):
         """The same Transformer, decoding without a self-attention key/value cache."""
@@ -90,31 +89,9 @@ def worker(args: argparse.Namespace) -> dict:
             else:
                 model.batch_beam_search(src, lengths, beam_size=5, max_length=args.length)
 
-    # the products of one decoding: (input rows, weight) of every linear layer and LSTM gate
-    products: list[tuple[int, torch.Tensor]] = []
-
-    def record(module, inputs, output) -> None:
-        if isinstance(module, torch.nn.Linear):
-            products.append((inputs[0].numel() // inputs[0].size(-1), module.weight))
-            return
-        x = inputs[0].data if hasattr(inputs[0], "batch_sizes") else inputs[0]  # packed sequences
-        rows = x.numel() // x.size(-1)
-        for name, weight in module.named_parameters():
-            if name.startswith("weight_"):
-                products.append((rows, weight))
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (torch.nn.Linear,
-                                                                                           torch.nn.LSTM))]
-    with torch.no_grad():
+    with recorded_products(model) as products, torch.no_grad():  # the products of one decoding
         decode()
-    for h in hooks:
-        h.remove()
-    inputs = [(torch.randn(rows, w.size(1), device=device), w) for rows, w in products]
-
-    def products_alone() -> None:
-        with autocast():
-            for x, w in inputs:
-                F.linear(x, w)
+    products_alone, gflop = replay_products(products, device, dtype)
 
     def median_time(fn) -> float:
         fn()
@@ -130,8 +107,7 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    flops = sum(2 * x.numel() * w.size(0) for x, w in inputs)
-    return {"seconds": median_time(decode), "matmul_seconds": median_time(products_alone), "gflop": flops / 1e9}
+    return {"seconds": median_time(decode), "matmul_seconds": median_time(products_alone), "gflop": gflop}
 
 
 def measure(args: argparse.Namespace, code: Path, model: str, method: str, precision: str) -> dict:

@@ -31,7 +31,12 @@ stand-in module; the step reads ``engine.model`` / ``optimizer`` / ``config`` /
 ``state.iteration`` and a mini-batch with ``src`` / ``tgt`` = (ids, lengths), which the
 harness provides as plain objects. The ratios are then taken against it.
 
-``--precisions`` measures the engine's step under each ``--precision`` (fp32 first).
+``--precisions`` measures the engine's step under each ``--precision`` (fp32 first). Each
+is followed by its "products alone" row: every matrix product of the engine's step (the
+linear layers and LSTM gates of sampling, and of the re-scoring's forward with their two
+backward products each), recorded in one step and replayed alone at the same shapes. That
+is the time a step that computes no less cannot go below, and its speed-up over the
+original toolkit the most any such step could reach in that precision on that machine.
 
 ``--memory_budget_mb N`` instead finds, for each method, the largest batch (K=4)
 whose steps fit in N MiB beyond the set-up (first steps' lazy allocations, such
@@ -55,7 +60,7 @@ from nltk.translate.gleu_score import sentence_gleu
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MODELS, VOCAB, machine, table, time_steps  # noqa: E402
+from common import MODELS, VOCAB, machine, recorded_products, replay_products, table, time_steps  # noqa: E402
 
 # the project's modules are imported in the workers that use them: the original toolkit's
 # worker imports a package of the same name, simple_nmt, from --classic_dir
@@ -170,6 +175,12 @@ def worker(args: argparse.Namespace) -> dict:
     engine = MinimumRiskTrainingEngine(model, optimizer, config, device=device)
 
     lengths = []
+    if args.method == "products":  # the engine's step's matrix products alone
+        with recorded_products(model) as products:
+            engine.train_step(batch)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        replay, _ = replay_products(products, device, dtype)
+        return measure_steps(args, device, replay, lengths=None)
 
     def step() -> None:
         if args.method == "engine":
@@ -222,7 +233,8 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
     """B=64, K=4: the original toolkit (with --classic_dir), the classic step, the engine per precision;
     the ratios against the original (else the classic step)."""
     methods = [("original", "fp32")] if args.classic_dir else []
-    methods += [("classic", "fp32")] + [("engine", precision) for precision in args.precisions.split(",")]
+    methods += [("classic", "fp32")] + [(method, precision) for precision in args.precisions.split(",")
+                                        for method in ("engine", "products")]
     results = {m: measure(args, model, m[0], 4, 64, m[1]) for m in methods}
     reference = results[methods[0]]
     rows = []
@@ -234,7 +246,10 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
         if "seconds" in reference:
             ratios = [f"{reference['seconds'] / r['seconds']:.2f}x",
                       f"{r['memory_mb'] / max(reference['memory_mb'], 1e-9):.2f}"]
-        rows.append([model, method, precision, f"{r['seconds']:.3f}", f"{r['memory_mb']:.0f}", *ratios])
+        memory = f"{r['memory_mb']:.0f}"
+        if method == "products":  # a replay's memory says nothing of the step's
+            method, memory, ratios[1] = "engine's products alone", "-", "-"
+        rows.append([model, method, precision, f"{r['seconds']:.3f}", memory, *ratios])
     return rows
 
 

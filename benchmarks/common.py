@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 # The models every benchmark measures: realistic NMT sizes, a shared subword vocabulary size.
 VOCAB = 8000
@@ -119,3 +121,52 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def recorded_products(model: torch.nn.Module) -> Iterator[list[tuple[int, torch.Tensor, bool]]]:
+    """Record every matrix product of ``model``'s linear layers and LSTM gates while the block runs, as
+    (input rows, weight, whether autograd records it): what ``replay_products`` replays."""
+    products: list[tuple[int, torch.Tensor, bool]] = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(module, torch.nn.Linear):
+            products.append((inputs[0].numel() // inputs[0].size(-1), module.weight, torch.is_grad_enabled()))
+            return
+        x = inputs[0].data if hasattr(inputs[0], "batch_sizes") else inputs[0]  # packed sequences
+        rows = x.numel() // x.size(-1)
+        for name, weight in module.named_parameters():
+            if name.startswith("weight_"):
+                products.append((rows, weight, torch.is_grad_enabled()))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (torch.nn.Linear,
+                                                                                           torch.nn.LSTM))]
+    try:
+        yield products
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def replay_products(products: list[tuple[int, torch.Tensor, bool]], device: torch.device,
+                    dtype: torch.dtype | None = None) -> tuple[Callable[[], None], float]:
+    """A function that runs the recorded products alone, at the same shapes (under autocast to ``dtype``
+    if given), and their GFLOP. A product autograd recorded is replayed with its two backward products
+    (the input's gradient and the weight's), so that the replay is the limit of a forward and backward
+    that computes no less."""
+    work = []
+    for rows, w, with_grad in products:
+        x = torch.randn(rows, w.size(1), device=device)  # |x| = (rows, in_features)
+        g = torch.randn(rows, w.size(0), device=device) if with_grad else None  # |g| = (rows, out_features)
+        work.append((x, w.detach(), g))
+
+    def replay() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for x, w, g in work:
+                F.linear(x, w)
+                if g is not None:
+                    g @ w  # the input's gradient
+                    g.t() @ x  # the weight's gradient
+
+    flop = sum(2 * x.numel() * w.size(0) * (1 if g is None else 3) for x, w, g in work)
+    return replay, flop / 1e9
