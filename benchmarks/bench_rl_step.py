@@ -13,7 +13,10 @@ vectorised GLEU and re-scores the actor by teacher forcing (one forward per
 group of similar sample lengths).
 
 Each measurement runs in a fresh process, so that its peak memory is its own:
-peak RSS growth over the set-up on CPU, torch.cuda.max_memory_allocated on GPU.
+peak RSS growth over the set-up on CPU, torch.cuda.max_memory_allocated on GPU. On
+CPU that growth includes memory freed but kept by glibc's allocator, whose mmap
+threshold adapts to the sizes freed; ``--mmap_threshold 131072`` fixes it, so that
+large blocks go back to the system when freed and the peak is nearer live memory.
 Untrained models rarely emit EOS, so by default every sample runs to
 --max_length tokens in both methods. ``--mean_length N`` raises the EOS logit
 so that a sample ends with probability about 1/N at each step, as a trained
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -206,7 +210,10 @@ def measure(args: argparse.Namespace, model: str, method: str, k: int, b: int, p
                str(args.max_length), "--mean_length", str(args.mean_length),
                "--memory_budget_mb", str(args.memory_budget_mb), "--precision", precision,
                "--classic_dir", args.classic_dir or "", "--threads", str(args.threads)]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:  # glibc then returns every freed block of at least this size at once
+        env["GLIBC_TUNABLES"] = f"glibc.malloc.mmap_threshold={args.mmap_threshold}"
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode == -signal.SIGKILL:  # the kernel's out-of-memory killer
         return {"oom": True}
     if proc.returncode != 0:
@@ -319,6 +326,10 @@ def main() -> None:
     p.add_argument("--classic_dir", default=None, help="a checkout of the original classic simple-nmt toolkit")
     p.add_argument("--precisions", default="fp32", help="comma-separated --precision values of the engine's step")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each measurement")
+    p.add_argument("--mmap_threshold", type=int, default=0,
+                   help="run each measurement with glibc's mmap threshold fixed at this many bytes (e.g. 131072), "
+                        "so that peak RSS counts live memory rather than freed memory the C library keeps "
+                        "(0: the default, dynamic threshold)")
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="transformer", help=argparse.SUPPRESS)
