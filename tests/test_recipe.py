@@ -87,3 +87,21 @@ def test_rl_only_without_an_mle_run_names_the_model(tmp_path: Path) -> None:
                   "--workdir", str(tmp_path / "empty"), "--rl_only")
     assert proc.returncode == 1
     assert "--rl_only: no MLE run of seq2seq.tok" in proc.stderr
+
+
+def test_every_profile_sets_what_its_runs_read_and_a_model_without_settings_is_named(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "examples/multi30k/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, profile in module.PROFILES.items():
+        assert {"common", "transformer", "seq2seq", "rl", "rl_sentences"} <= profile.keys(), name
+    # the converged profile's RL is the setting for converged checkpoints: a KL penalty, over all pairs
+    converged = module.PROFILES["converged"]
+    assert converged["rl_sentences"] == 0
+    assert "--rl_kl_weight" in converged["rl_transformer"] and "--rl_kl_weight" in converged["rl_seq2seq"]
+    proc = recipe(str(multi30k_like(tmp_path / "data")), "--profile", "converged", "--models", "marian",
+                  "--workdir", str(tmp_path / "work"))
+    assert proc.returncode == 2
+    assert "--models: the converged profile has no settings for marian" in proc.stderr
