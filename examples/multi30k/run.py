@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Settings per profile. gpu: the full run (not yet measured); cpu: both models and protocols in 67 minutes
 # on 2 cores, two runs at a time, from checkpoints that have not converged; converged: the cpu sizes trained
-# to convergence, then the RL setting for converged checkpoints (about 2.5 hours per model on one core).
+# to convergence, then the RL setting for converged checkpoints (2.5-3 hours per model and protocol on
+# one busy core, measured in parts).
 PROFILES = {
     "gpu": {
         "common": ["--batch_size", "128", "--max_length", "80", "--spm_vocab_size", "8000",
