@@ -87,7 +87,7 @@ PROFILES = {
     },
     # the cpu sizes trained until the validation loss stops falling, then one RL epoch over all pairs with a
     # KL penalty to the start model: from such checkpoints this RL gained +1.31 and +0.93 (Transformer, two
-    # seeds) and +1.25 (Seq2Seq) BLEU on test_2016_flickr (tok), where the cpu profile's RL lost test BLEU
+    # seeds) and +1.25 / +1.10 (Seq2Seq) BLEU on test_2016_flickr (tok), where the cpu profile's RL lost test BLEU
     # (docs/results)
     "converged": {
         "common": ["--batch_size", "64", "--max_length", "60", "--spm_vocab_size", "6000",
