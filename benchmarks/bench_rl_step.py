@@ -12,6 +12,9 @@ step samples all K+1 outputs in one batched no-grad search, scores them with the
 vectorised GLEU and re-scores the actor by teacher forcing (one forward per
 group of similar sample lengths).
 
+On CPU, Seq2Seq has one more row: the engine with its LSTMs on oneDNN in the re-scoring
+as well (``simple_nmt.precision.lstm_backend`` made a no-op), the way they ran before it.
+
 Each measurement runs in a fresh process, so that its peak memory is its own:
 peak RSS growth over the set-up on CPU, torch.cuda.max_memory_allocated on GPU. On
 CPU that growth includes memory freed but kept by glibc's allocator, whose mmap
@@ -50,6 +53,7 @@ until a step runs out of memory, then bisects.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -178,6 +182,10 @@ def worker(args: argparse.Namespace) -> dict:
              "tgt": tgt.to(device)}
     engine = MinimumRiskTrainingEngine(model, optimizer, config, device=device)
 
+    if args.method == "engine_onednn":  # the LSTMs on oneDNN with a graph too, as before lstm_backend
+        import simple_nmt.models.seq2seq
+
+        simple_nmt.models.seq2seq.lstm_backend = lambda x: contextlib.nullcontext()
     lengths = []
     if args.method == "products":  # the engine's step's matrix products alone
         with recorded_products(model) as products:
@@ -187,7 +195,7 @@ def worker(args: argparse.Namespace) -> dict:
         return measure_steps(args, device, replay, lengths=None)
 
     def step() -> None:
-        if args.method == "engine":
+        if args.method.startswith("engine"):
             # len_ratio: sampled tokens over reference tokens
             lengths.append(engine.train_step(batch)["len_ratio"] * SENTENCE_LENGTH)
         else:
@@ -242,6 +250,8 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
     methods = [("original", "fp32")] if args.classic_dir else []
     methods += [("classic", "fp32")] + [(method, precision) for precision in args.precisions.split(",")
                                         for method in ("engine", "products")]
+    if model == "seq2seq" and args.device == "cpu":
+        methods.append(("engine_onednn", "fp32"))
     results = {m: measure(args, model, m[0], 4, 64, m[1]) for m in methods}
     reference = results[methods[0]]
     rows = []
@@ -256,6 +266,7 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
         memory = f"{r['memory_mb']:.0f}"
         if method == "products":  # a replay's memory says nothing of the step's
             method, memory, ratios[1] = "engine's products alone", "-", "-"
+        method = {"engine_onednn": "engine, oneDNN's LSTM in training"}.get(method, method)
         rows.append([model, method, precision, f"{r['seconds']:.3f}", memory, *ratios])
     return rows
 

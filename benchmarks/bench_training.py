@@ -4,14 +4,17 @@
 
 Each precision of a model is measured in the same process, one after the other, and
 given as a ratio to fp32. bf16 on a CPU without AVX-512 BF16 or AMX runs in software:
-the table's header says which CPU it ran on.
+the table's header says which CPU it ran on. On CPU, Seq2Seq has one more row: its LSTMs
+on oneDNN in training as well (``lstm_backend`` made a no-op), the way they ran before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import MODELS, VOCAB, machine, table  # noqa: E402
 
+import simple_nmt.models.seq2seq  # noqa: E402
 from simple_nmt.cli import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS  # noqa: E402
 from simple_nmt.models import build_model  # noqa: E402
@@ -68,6 +72,12 @@ def main() -> None:
             results[name, precision] = tokens_per_second(name, device, precision, args.batch_size, args.steps)
             ratio = results[name, precision] / results[name, "fp32"]
             rows.append([name, precision, f"{results[name, precision]:.0f}", f"{ratio:.2f}x"])
+        if name == "seq2seq" and device.type == "cpu":  # its LSTMs on oneDNN in training too, as before lstm_backend
+            with unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend",
+                                            lambda x: contextlib.nullcontext()):
+                onednn = tokens_per_second(name, device, "fp32", args.batch_size, args.steps)
+            rows.append([name, "fp32, oneDNN's LSTM in training", f"{onednn:.0f}",
+                         f"{onednn / results[name, 'fp32']:.2f}x"])
     print(f"# MLE training on {args.device}: {machine(device)}; batch {args.batch_size}, 30 target tokens + EOS")
     print(table(["model", "precision", "target tokens/s", "against fp32"], rows))
     print("headline: " + ", ".join(f"{name} {precision} {results[name, precision] / results[name, 'fp32']:.2f}x "

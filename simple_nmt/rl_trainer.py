@@ -38,10 +38,9 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # |logits| = (n, t, vocab_size), |ids| = (n, t); half-precision logits are summed in float32
-        wide = torch.promote_types(logits.dtype, torch.float32)
-        log_z = logits.to(wide).logsumexp(dim=-1)  # |log_z| = (n, t)
+        log_z = logits.to(wide(logits.dtype)).logsumexp(dim=-1)  # |log_z| = (n, t)
         ctx.save_for_backward(logits, ids, log_z)
-        return logits.gather(2, ids[:, :, None]).squeeze(2).to(wide) - log_z
+        return logits.gather(2, ids[:, :, None]).squeeze(2).to(log_z.dtype) - log_z
 
     @staticmethod
     @once_differentiable
@@ -67,6 +66,101 @@ def selected_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         |log_probs| = (n, t).
     """
     return _SelectedLogProbs.apply(logits, ids)
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The type sums over the vocabulary run in: float32, or ``dtype`` where it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The type a linear layer on ``x`` computes in here: the autocast type where autocast is on."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class _ProjectedLogProbs(torch.autograd.Function):
+    """log_softmax(features @ weight.T + bias).gather(ids), the logits made ``chunk`` positions at a time.
+
+    Only the features and one float per position are saved; backward makes each chunk's logits
+    again, so no (n, t, V) tensor is ever held: one more output-layer product for (n, t, V) memory.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        # |features| = (n, t, hidden_size), |weight| = (vocab_size, hidden_size), |ids| = (n, t)
+        dtype = _autocast_dtype(features)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        flat, flat_ids = features.reshape(-1, features.size(-1)), ids.reshape(-1)
+        log_z, chosen = [], []
+        for start in range(0, flat.size(0), chunk):
+            logits = _project(flat[start:start + chunk], w, b)  # |logits| = (chunk, vocab_size), float32
+            log_z.append(logits.logsumexp(dim=-1))
+            chosen.append(logits.gather(1, flat_ids[start:start + chunk, None]).squeeze(1))
+        log_z_flat = torch.cat(log_z) if log_z else flat.new_zeros(0, dtype=wide(dtype))  # |log_z_flat| = (n * t,)
+        ctx.save_for_backward(features, weight, bias, ids, log_z_flat)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        chosen_flat = torch.cat(chosen) if chosen else log_z_flat
+        return (chosen_flat - log_z_flat).view(ids.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        features, weight, bias, ids, log_z = ctx.saved_tensors
+        w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
+        flat, flat_ids, flat_grad = features.reshape(-1, features.size(-1)), ids.reshape(-1), grad.reshape(-1)
+        grad_features = torch.empty_like(flat)
+        grad_weight = torch.zeros_like(weight, dtype=log_z.dtype)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=log_z.dtype)
+        for start in range(0, flat.size(0), ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            f, g = flat[part].to(ctx.dtype), flat_grad[part, None].to(log_z.dtype)  # |g| = (chunk, 1)
+            # d log p(y) / d logits = onehot(y) - softmax(logits)
+            grad_logits = (_project(f, w, b) - log_z[part, None]).exp_().mul_(-g)
+            grad_logits.scatter_add_(1, flat_ids[part, None], g)  # |grad_logits| = (chunk, vocab_size)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+            grad_logits = grad_logits.to(ctx.dtype)
+            grad_features[part] = grad_logits @ w
+            grad_weight += grad_logits.t() @ f
+        return (grad_features.view(features.shape), grad_weight.to(weight.dtype),
+                None if bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def _project(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` in ``weight``'s type (autocast off); the logits in float32 or wider."""
+    with torch.autocast(features.device.type, enabled=False):
+        logits = torch.nn.functional.linear(features.to(weight.dtype), weight, bias)
+        return logits.to(wide(weight.dtype))
+
+
+def projected_log_probs(features: torch.Tensor, layer: torch.nn.Linear, ids: torch.Tensor,
+                        chunk_elements: int = 2**20) -> torch.Tensor:
+    """``selected_log_probs(layer(features), ids)`` without ever holding the (n, t, V) logits.
+
+    The output layer runs on chunks of positions (``chunk_elements`` logits each, 16 MiB in
+    float32), and backward runs it again on each chunk instead of keeping the logits and their
+    gradient: one more output-layer product for (n, t, vocab_size) memory. Under autocast the
+    products run in the autocast type, the log-softmax in float32, as ``layer(features).float()``.
+
+    Args:
+        features: |features| = (n, t, hidden_size), the input of ``layer``.
+        layer: the output layer, (hidden_size -> vocab_size).
+        ids: |ids| = (n, t).
+
+    Returns:
+        |log_probs| = (n, t).
+    """
+    chunk = max(1, chunk_elements // layer.out_features)
+    return _ProjectedLogProbs.apply(features, layer.weight, layer.bias, ids, chunk)
+
+
+def projects_features(model: torch.nn.Module) -> bool:
+    """Whether ``model.decode`` is ``generator(decode_features(...))``, the base class's: its logits
+    can then be made by ``projected_log_probs`` from the features."""
+    return (type(model).decode is EncoderDecoder.decode and "decode" not in vars(model)
+            and type(model).decode_features is not EncoderDecoder.decode_features
+            and isinstance(getattr(model, "generator", None), torch.nn.Linear))
 
 
 def returns_logits(model: torch.nn.Module) -> bool:
@@ -141,7 +235,10 @@ def sequence_log_probs(
         index = (buckets == bucket).nonzero().squeeze(1)
         t, of = int(lengths[index].max()), source[index]
         chosen = ids[index, :t]
-        if state is not None:
+        if state is not None and projects_features(model):
+            features = model.decode_features(tgt_in[index, :t], select_state(state, of))  # (len(index), t, hidden)
+            token_log_probs = projected_log_probs(features, model.generator, chosen)
+        elif state is not None:
             token_log_probs = selected_log_probs(model.decode(tgt_in[index, :t], select_state(state, of)), chosen)
         else:
             s = int(src_lengths[of].max())

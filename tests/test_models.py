@@ -363,3 +363,20 @@ def test_gradients_reach_every_parameter(cls):
             assert (p.grad[used].abs().sum(-1) > 0).all(), name
         else:
             assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_seq2seq_trains_its_lstms_without_onednn_workspaces():
+    """With a graph on CPU the LSTMs run on ATen's kernels, whose saved gates are a third of oneDNN's
+    byte workspaces; the values are oneDNN's (used without a graph), and oneDNN is on afterwards."""
+    model = make_tiny_model(Seq2Seq, 11, 9)  # eval mode: no dropout
+    g = torch.Generator().manual_seed(4)
+    src, src_lengths = torch.randint(4, 11, (3, 6), generator=g), torch.tensor([6, 4, 2])
+    tgt_in = torch.randint(4, 9, (3, 7), generator=g)
+    saved = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.dtype) or t, lambda t: t):
+        log_probs = model(src, src_lengths, tgt_in)
+    assert torch.uint8 not in saved and torch.backends.mkldnn.enabled
+    log_probs.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(model(src, src_lengths, tgt_in), log_probs.detach())

@@ -16,6 +16,8 @@ from simple_nmt.rl_trainer import (
     after_eos,
     baseline_and_actors,
     encodes_once,
+    projected_log_probs,
+    projects_features,
     returns_logits,
     selected_log_probs,
     sequence_log_probs,
@@ -173,9 +175,9 @@ def test_log_probs_by_length_groups_equal_one_full_forward(cls, path):
     for row, end in [(1, 6), (2, 2), (3, 5), (4, 0), (5, 12)]:
         ids[row, end], ids[row, end + 1:] = EOS, PAD
     calls = []
-    encode, decode = model.encode, model.decode
+    encode, decode = model.encode, model.decode_features
     model.encode = lambda src, src_lengths: calls.append(("encode", *src.shape)) or encode(src, src_lengths)
-    model.decode = lambda tgt_in, state: calls.append(("decode", *tgt_in.shape)) or decode(tgt_in, state)
+    model.decode_features = lambda tgt_in, state: calls.append(("decode", *tgt_in.shape)) or decode(tgt_in, state)
     scorer = model if path == "encode once" else ForwardOnly(model)
     log_p = sequence_log_probs(scorer, src, src_lengths, ids)
     # one group per length class, lengths 7 and 6 (rows 1 and 3) together
@@ -184,7 +186,7 @@ def test_log_probs_by_length_groups_equal_one_full_forward(cls, path):
                                                  ("decode", 2, 7), ("decode", 1, 13), ("decode", 1, 20)]
     else:  # (rows, source width, output width): each output's source, as wide as the group's longest
         assert not encodes_once(scorer) and scorer.shapes == [(1, 2, 1), (1, 3, 3), (2, 5, 7), (1, 2, 13), (1, 5, 20)]
-    model.encode, model.decode = encode, decode
+    del model.encode, model.decode_features
     log_p.sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -256,6 +258,65 @@ def test_selected_log_probs_equal_log_softmax_and_gather():
     with pytest.raises(RuntimeError):  # a second derivative is refused, not silently wrong
         (g2,) = torch.autograd.grad(selected_log_probs(logits, ids).sum(), logits, create_graph=True)
         g2.sum().backward()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projected_log_probs_equal_the_layer_then_selected_log_probs(bias):
+    """Chunked logits, remade in backward: the same values and gradients for every chunk size."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(5, 7, bias=bias).double()
+    features = torch.randn(3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    ids = torch.randint(0, 7, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    params = [features, *layer.parameters()]
+    expected = selected_log_probs(layer(features), ids)
+    expected_grads = torch.autograd.grad((weights * expected).sum(), params)
+    for chunk_elements in (1, 7, 3 * 7, 12 * 7, 10**6):  # 1 position (at least), 3 (uneven), all, more than all
+        got = projected_log_probs(features, layer, ids, chunk_elements=chunk_elements)
+        torch.testing.assert_close(got, expected)
+        for grad, expected_grad in zip(torch.autograd.grad((weights * got).sum(), params), expected_grads):
+            torch.testing.assert_close(grad, expected_grad)
+    assert torch.autograd.gradcheck(lambda *p: projected_log_probs(p[0], layer, ids, chunk_elements=14), (features,))
+    # under bfloat16 autocast: the products in bfloat16, as the layer's own, the log-softmax in float32
+    layer32, features32 = layer.float(), features.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = projected_log_probs(features32, layer32, ids, chunk_elements=14)
+        reference = selected_log_probs(layer32(features32).float(), ids)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, reference)
+    (half_grad,) = torch.autograd.grad((weights.float() * half).sum(), features32)
+    (reference_grad,) = torch.autograd.grad((weights.float() * reference).sum(), features32)
+    torch.testing.assert_close(half_grad, reference_grad, atol=2e-2, rtol=2e-2)
+    assert layer32.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [Seq2Seq, Transformer])
+def test_rescoring_never_holds_the_logits_whole(cls):
+    """The built-in models are re-scored from their output layer's input: no (n, t, V) tensor is kept
+    for backward, and a model that defines only ``decode`` is re-scored from its logits."""
+    vocab = 4000  # large enough that one chunk (2**22 logits) is a fraction of the 40 x 12 x V logits
+    model = make_tiny_model(cls, 11, vocab).train()
+    g = torch.Generator().manual_seed(3)
+    src, src_lengths = torch.randint(4, 11, (8, 5), generator=g), torch.full((8,), 5)
+    ids = torch.randint(4, vocab, (40, 12), generator=g)  # 5 outputs per source, none ends
+    saved = []
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        log_p = sequence_log_probs(model, src, src_lengths, ids, bucket_ratio=float("inf"))
+    assert projects_features(model) and log_p.shape == (40,)
+    assert max(saved) < 40 * 12 * vocab / 2
+
+    class LogitsOnly(type(model)):
+        def decode(self, tgt_in, state):
+            return self.generator(self.decode_features(tgt_in, state)).float()
+
+    model.__class__ = LogitsOnly
+    saved.clear()
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        same = sequence_log_probs(model, src, src_lengths, ids, bucket_ratio=float("inf"))
+    assert not projects_features(model) and max(saved) == 40 * 12 * vocab
+    torch.testing.assert_close(same, log_p)
 
 
 @pytest.mark.parametrize("cls", [Seq2Seq, Transformer])

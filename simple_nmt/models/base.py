@@ -11,7 +11,8 @@ from simple_nmt import search as decoding
 
 
 class EncoderDecoder(nn.Module):
-    """Base class of the models: subclasses define ``encode``, ``decode_step`` and ``decode``.
+    """Base class of the models: subclasses define ``encode``, ``decode_step`` and ``decode_features``
+    (or ``decode``).
 
     ``forward`` (teacher forcing) is ``decode`` on ``encode``'s state, so that the RL
     engine can encode a source once and decode its K + 1 samples from that state.
@@ -58,12 +59,20 @@ class EncoderDecoder(nn.Module):
         return dict(rest, **{k: decoding.select_state(state[k], rows_source) for k in self.source_state_keys},
                     group=1)
 
-    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """Teacher forcing from ``encode``'s state.
+    def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Teacher forcing from ``encode``'s state up to the output layer ``self.generator``.
 
-        |tgt_in| = (batch_size, length) -> logits (batch_size, length, vocab_size).
+        |tgt_in| = (batch_size, length) -> (batch_size, length, hidden_size).
         """
         raise NotImplementedError
+
+    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Teacher forcing from ``encode``'s state: ``self.generator`` on ``decode_features``.
+
+        |tgt_in| = (batch_size, length) -> logits (batch_size, length, vocab_size). A subclass
+        defines ``decode_features`` (the RL engine then never holds these logits whole), or this.
+        """
+        return self.generator(self.decode_features(tgt_in, state)).float()
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor,
                 normalize: bool = True) -> torch.Tensor:

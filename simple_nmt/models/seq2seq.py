@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.precision import lstm_precision
+from simple_nmt.precision import lstm_backend, lstm_precision
 
 
 class Seq2Seq(EncoderDecoder):
@@ -64,7 +64,7 @@ class Seq2Seq(EncoderDecoder):
         batch_size = src.size(0)
         x = self.dropout(self.src_emb(src))  # |x| = (batch_size, src_length, word_vec_size)
         packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        with lstm_precision():
+        with lstm_precision(), lstm_backend(x):
             memory, (h, c) = self.encoder(packed)
         memory, _ = pad_packed_sequence(memory, batch_first=True, total_length=src.size(1))
         # |memory| = (batch_size, src_length, hidden_size)
@@ -89,7 +89,7 @@ class Seq2Seq(EncoderDecoder):
         emb = self.dropout(self.tgt_emb(y_prev))  # |emb| = (batch_size, word_vec_size)
         x = torch.cat([emb, state["h_tilde"].to(emb.dtype)], dim=-1).unsqueeze(1)
         hidden = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
-        with lstm_precision():
+        with lstm_precision(), lstm_backend(x):
             out, (h, c) = self.decoder(x, hidden)  # |out| = (batch_size, 1, hidden_size)
         # the rows of a source attend together to its one copy of the keys: |queries| = (sources, group, hidden_size)
         queries = out.view(-1, state["group"], out.size(2))
@@ -104,9 +104,9 @@ class Seq2Seq(EncoderDecoder):
         h_tilde, state = self._step(y_prev, state)
         return self.generator(h_tilde).float().log_softmax(dim=-1), state
 
-    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         outputs = []
         for t in range(tgt_in.size(1)):
             h_tilde, state = self._step(tgt_in[:, t], state)
             outputs.append(h_tilde)
-        return self.generator(torch.stack(outputs, dim=1)).float()  # |logits| = (batch_size, length, vocab_size)
+        return torch.stack(outputs, dim=1)  # |h_tilde| = (batch_size, length, hidden_size)

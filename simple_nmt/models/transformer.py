@@ -267,6 +267,6 @@ class Transformer(EncoderDecoder):
         log_probs = self.generator(h.squeeze(1)).float().log_softmax(dim=-1)
         return log_probs, dict(state, **cache, step=state["step"] + 1)
 
-    def decode(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+    def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         h, _ = self._run_decoder(self._embed(self.tgt_emb, tgt_in), state, causal=True)
-        return self.generator(h).float()  # |logits| = (batch_size, length, vocab_size)
+        return h  # |h| = (batch_size, length, hidden_size)
