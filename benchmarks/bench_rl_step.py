@@ -53,7 +53,6 @@ until a step runs out of memory, then bisects.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -68,7 +67,16 @@ from nltk.translate.gleu_score import sentence_gleu
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MODELS, VOCAB, machine, recorded_products, replay_products, table, time_steps  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    VOCAB,
+    machine,
+    onednn_lstms,
+    recorded_products,
+    replay_products,
+    table,
+    time_steps,
+)
 
 # the project's modules are imported in the workers that use them: the original toolkit's
 # worker imports a package of the same name, simple_nmt, from --classic_dir
@@ -183,9 +191,7 @@ def worker(args: argparse.Namespace) -> dict:
     engine = MinimumRiskTrainingEngine(model, optimizer, config, device=device)
 
     if args.method == "engine_onednn":  # the LSTMs on oneDNN with a graph too, as before lstm_backend
-        import simple_nmt.models.seq2seq
-
-        simple_nmt.models.seq2seq.lstm_backend = lambda x: contextlib.nullcontext()
+        onednn_lstms().start()  # for the rest of this worker process
     lengths = []
     if args.method == "products":  # the engine's step's matrix products alone
         with recorded_products(model) as products:

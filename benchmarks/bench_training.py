@@ -11,10 +11,8 @@ on oneDNN in training as well (``lstm_backend`` made a no-op), the way they ran 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-import unittest.mock
 from pathlib import Path
 
 import torch
@@ -22,9 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MODELS, VOCAB, machine, table  # noqa: E402
+from common import MODELS, VOCAB, machine, onednn_lstms, table  # noqa: E402
 
-import simple_nmt.models.seq2seq  # noqa: E402
 from simple_nmt.cli import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS  # noqa: E402
 from simple_nmt.models import build_model  # noqa: E402
@@ -73,8 +70,7 @@ def main() -> None:
             ratio = results[name, precision] / results[name, "fp32"]
             rows.append([name, precision, f"{results[name, precision]:.0f}", f"{ratio:.2f}x"])
         if name == "seq2seq" and device.type == "cpu":  # its LSTMs on oneDNN in training too, as before lstm_backend
-            with unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend",
-                                            lambda x: contextlib.nullcontext()):
+            with onednn_lstms():
                 onednn = tokens_per_second(name, device, "fp32", args.batch_size, args.steps)
             rows.append([name, "fp32, oneDNN's LSTM in training", f"{onednn:.0f}",
                          f"{onednn / results[name, 'fp32']:.2f}x"])

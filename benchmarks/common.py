@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import time
+import unittest.mock
 from collections.abc import Callable, Iterator
 
 import torch
@@ -18,6 +19,15 @@ MODELS = {
     "transformer": {"use_transformer": True, "hidden_size": 256, "n_layers": 3, "n_splits": 4, "dropout": 0.1},
     "seq2seq": {"use_transformer": False, "word_vec_size": 256, "hidden_size": 512, "n_layers": 2, "dropout": 0.1},
 }
+
+
+def onednn_lstms() -> contextlib.AbstractContextManager:
+    """A patch under which Seq2Seq's LSTMs run on oneDNN with a graph too (``lstm_backend`` a no-op),
+    as they did before it. The project's seq2seq module is imported here, not at the top: a worker of
+    the original toolkit imports a package of the same name."""
+    import simple_nmt.models.seq2seq
+
+    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend", lambda x: contextlib.nullcontext())
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, device: torch.device | None = None) -> float:

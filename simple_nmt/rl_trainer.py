@@ -46,9 +46,16 @@ class _SelectedLogProbs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits, ids, log_z = ctx.saved_tensors
-        # d log p(y) / d logits = onehot(y) - softmax(logits)
-        grad_logits = (logits.to(log_z.dtype) - log_z[:, :, None]).exp_().mul_(-grad[:, :, None])
-        return grad_logits.scatter_add_(2, ids[:, :, None], grad[:, :, None]).to(logits.dtype), None
+        return _log_prob_grad(logits, log_z, ids, grad).to(logits.dtype), None
+
+
+def _log_prob_grad(logits: torch.Tensor, log_z: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``grad * log_softmax(logits)[ids]`` over the logits (``log_z``: their logsumexp).
+
+    |logits| = (..., vocab_size); |log_z|, |ids|, |grad| = (...). d log p(y) / d logits = onehot(y) - softmax(logits).
+    """
+    grad_logits = (logits - log_z[..., None]).exp_().mul_(-grad[..., None])
+    return grad_logits.scatter_add_(-1, ids[..., None], grad[..., None])
 
 
 def selected_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -114,10 +121,9 @@ class _ProjectedLogProbs(torch.autograd.Function):
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=log_z.dtype)
         for start in range(0, flat.size(0), ctx.chunk):
             part = slice(start, start + ctx.chunk)
-            f, g = flat[part].to(ctx.dtype), flat_grad[part, None].to(log_z.dtype)  # |g| = (chunk, 1)
-            # d log p(y) / d logits = onehot(y) - softmax(logits)
-            grad_logits = (_project(f, w, b) - log_z[part, None]).exp_().mul_(-g)
-            grad_logits.scatter_add_(1, flat_ids[part, None], g)  # |grad_logits| = (chunk, vocab_size)
+            f = flat[part].to(ctx.dtype)
+            # |grad_logits| = (chunk, vocab_size)
+            grad_logits = _log_prob_grad(_project(f, w, b), log_z[part], flat_ids[part], flat_grad[part])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
             grad_logits = grad_logits.to(ctx.dtype)
@@ -138,7 +144,7 @@ def projected_log_probs(features: torch.Tensor, layer: torch.nn.Linear, ids: tor
                         chunk_elements: int = 2**20) -> torch.Tensor:
     """``selected_log_probs(layer(features), ids)`` without ever holding the (n, t, V) logits.
 
-    The output layer runs on chunks of positions (``chunk_elements`` logits each, 16 MiB in
+    The output layer runs on chunks of positions (``chunk_elements`` logits each, 4 MiB in
     float32), and backward runs it again on each chunk instead of keeping the logits and their
     gradient: one more output-layer product for (n, t, vocab_size) memory. Under autocast the
     products run in the autocast type, the log-softmax in float32, as ``layer(features).float()``.
@@ -225,6 +231,7 @@ def sequence_log_probs(
     specials = special_ids(model)
     state = model.encode(src, src_lengths) if encodes_once(model) else None
     logits = state is None and returns_logits(model)  # the fallback's forward gives logits
+    projects = state is not None and projects_features(model)
     # |scored| = (len(ids), length): the tokens up to and including EOS
     scored = ~after_eos(ids, specials.eos) & (ids != specials.pad)
     lengths = scored.sum(dim=1).clamp(min=1)  # |lengths| = (len(ids),)
@@ -235,7 +242,7 @@ def sequence_log_probs(
         index = (buckets == bucket).nonzero().squeeze(1)
         t, of = int(lengths[index].max()), source[index]
         chosen = ids[index, :t]
-        if state is not None and projects_features(model):
+        if projects:
             features = model.decode_features(tgt_in[index, :t], select_state(state, of))  # (len(index), t, hidden)
             token_log_probs = projected_log_probs(features, model.generator, chosen)
         elif state is not None:

@@ -294,7 +294,7 @@ def test_projected_log_probs_equal_the_layer_then_selected_log_probs(bias):
 def test_rescoring_never_holds_the_logits_whole(cls):
     """The built-in models are re-scored from their output layer's input: no (n, t, V) tensor is kept
     for backward, and a model that defines only ``decode`` is re-scored from its logits."""
-    vocab = 4000  # large enough that one chunk (2**22 logits) is a fraction of the 40 x 12 x V logits
+    vocab = 4000  # large enough that one chunk (2**20 logits) is a fraction of the 40 x 12 x V logits
     model = make_tiny_model(cls, 11, vocab).train()
     g = torch.Generator().manual_seed(3)
     src, src_lengths = torch.randint(4, 11, (8, 5), generator=g), torch.full((8,), 5)
