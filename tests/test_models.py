@@ -8,6 +8,7 @@ from conftest import make_tiny_model
 
 from simple_nmt.data import BOS, EOS, PAD
 from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model
+from simple_nmt.models.transformer import attend_few
 from simple_nmt.search import repeat_state
 
 SRC_V, TGT_V = 19, 15
@@ -161,6 +162,39 @@ def test_transformer_cache_grows_and_cross_kv_is_reused():
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("queries, mask", [(1, None), (5, "source"), (4, "causal")])
+def test_attention_of_few_queries_equals_torch_fused_attention(queries, mask):
+    """The decoding step's attention (two products) is torch's scaled_dot_product_attention: float64 to
+    rounding, and under bfloat16 autocast within bfloat16's precision."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g, dtype=torch.float64) for n in (queries, 6, 6))
+    if mask == "source":  # padded sources: the first keeps 6 positions, the others 4 and 1
+        mask = (torch.arange(6) < torch.tensor([6, 4, 1])[:, None])[:, None, None, :]
+    elif mask == "causal":  # the last 4 positions of a 6-position prefix
+        mask = torch.ones(6, 6, dtype=torch.bool).tril()[2:]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attend_few(q, k, v, mask), expected, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attend_few(*(x.float().bfloat16() for x in (q, k, v)), mask)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), expected, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("mask", [None, "source"])
+def test_attention_reads_a_cache_prefix_with_its_room_masked(mask):
+    """Keys and values that are the first 5 positions of a buffer with room for 16 attend as those 5 alone,
+    whatever the room holds (here large values: another state's positions)."""
+    g = torch.Generator().manual_seed(1)
+    buffer = torch.randn(2, 3, 4, 16, 8, generator=g, dtype=torch.float64) * 1e3
+    k, v = buffer[0, :, :, :5], buffer[1, :, :, :5]
+    assert k.shape == (3, 4, 5, 8) and not k.is_contiguous()
+    q = torch.randn(3, 4, 1, 8, generator=g, dtype=torch.float64)
+    if mask == "source":
+        mask = (torch.arange(5) < torch.tensor([5, 3, 1])[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.contiguous(), v.contiguous(), attn_mask=mask)
+    torch.testing.assert_close(attend_few(q, k, v, mask), expected, rtol=1e-12, atol=1e-9)
 
 
 def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice():

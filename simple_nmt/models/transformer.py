@@ -21,6 +21,34 @@ def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).view(-1, dim)
 
 
+# Queries per attention up to which two batched products beat torch's fused attention on CPU: a decoding
+# step has one query per row (self-attention) or one per sample or beam of a source (cross-attention), and
+# there the fused kernel took about twice as long, in float32 and bfloat16 alike (benchmarks/bench_decoding.py)
+FEW_QUERIES = 16
+
+
+def attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_size)) v by two batched products, the softmax in float32 (or wider).
+
+    Keys and values that are a decoding cache's prefix (``cache_room``) are read with the room of
+    their buffer, masked: the prefix of each (row, head) is not one dense block of memory, and
+    oneDNN's bfloat16 batched product would copy the whole cache first, at every step and layer.
+
+    |q| = (batch_size, n_splits, queries, head_size), |k| = |v| = (batch_size, n_splits, keys, head_size);
+    ``mask`` (broadcast to (batch_size, n_splits, queries, keys)) is True where attending is allowed.
+    """
+    keys, room = k.size(2), min(cache_room(k), cache_room(v))
+    if room > keys:  # |k| = |v| = (batch_size, n_splits, room, head_size), the room masked
+        k, v = (x.as_strided((*x.shape[:2], room, x.size(3)), x.stride(), x.storage_offset()) for x in (k, v))
+        in_prefix = torch.arange(room, device=k.device) < keys
+        mask = in_prefix if mask is None else F.pad(mask, (0, room - keys), value=False)
+    scores = torch.matmul(q, k.transpose(2, 3))  # |scores| = (batch_size, n_splits, queries, keys)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * q.size(3) ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention whose keys/values can be projected once and cached."""
 
@@ -45,7 +73,11 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attend from |x| = (batch_size, length, hidden_size); ``mask`` is True where attending is allowed."""
         q = self._split(self.q(x))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if q.size(2) <= FEW_QUERIES and dropout == 0.0:
+            o = attend_few(q, k, v, mask)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         # |o| = (batch_size, n_splits, length, head_size)
         return self.out(o.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
 
@@ -67,9 +99,13 @@ def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if cache.requires_grad and torch.is_grad_enabled():  # autograd copies the cache at each step anyway
         return take_rows(cache, index)
     n, heads, t, size = cache.shape
-    out = cache.new_empty(len(index), heads, cache_room(cache), size)[:, :, :t]
+    out = cache.new_zeros(len(index), heads, cache_room(cache), size)[:, :, :t]  # room of zeros: attend_few
     return torch.index_select(cache, 0, index, out=out)
 
+
+# Positions a new cache buffer holds beyond those it is made with: a buffer is made (and the cache copied)
+# once per CACHE_ROOM decoding steps, and attention reads at most CACHE_ROOM - 1 unused positions
+CACHE_ROOM = 16
 
 # Where a cache's buffer stands: a counter of in-place writes shared by every state made from that buffer,
 # and the count this state saw. A state whose count is behind has been extended by another state since.
@@ -83,7 +119,8 @@ def append_to_cache(
 
     The cache is a view of a buffer with room for more positions: the new ones are written
     into that room in place, so that a decoding step does not copy the whole cache. A new
-    buffer, twice as long, is made when the room runs out, when the types differ, when the
+    buffer, with room for ``CACHE_ROOM`` more positions, is made when the room runs out (attention
+    reads the room too: ``attend_few``), when the types differ, when the
     new keys need a gradient (autograd keeps the cache), and when the buffer has been
     written since ``mark`` (another state decoded from the same cache: it keeps its own).
     The marks count writes themselves rather than read tensor version counters, which
@@ -104,7 +141,7 @@ def append_to_cache(
         writes = mark[0]
         writes[0] += 1
     else:
-        buffer = k.new_empty(2, n, heads, max(2 * length, 16), size)
+        buffer = k.new_zeros(2, n, heads, length + CACHE_ROOM, size)  # room of zeros: attend_few reads it
         k_all, v_all = buffer[0, :, :, :length], buffer[1, :, :, :length]
         k_all[:, :, :t], v_all[:, :, :t] = k_cache, v_cache
         writes = [0]
@@ -225,8 +262,9 @@ class Transformer(EncoderDecoder):
         empty = memory.new_zeros(src.size(0), n_splits, 0, self.hidden_size // n_splits)
         return {
             "src_mask": src_mask,
-            # encoder keys/values, projected once for all steps
-            "cross_kv": [block.cross_attn.project_kv(memory) for block in self.decoder],
+            # encoder keys/values, projected once for all steps and made contiguous once, so that no
+            # step's product copies them: |k| = |v| = (batch_size, n_splits, src_length, head_size)
+            "cross_kv": [tuple(x.contiguous() for x in block.cross_attn.project_kv(memory)) for block in self.decoder],
             # self-attention cache, one position longer each step, and its marks (append_to_cache)
             "self_kv": [(empty, empty) for _ in self.decoder],
             "self_kv_marks": [None for _ in self.decoder],
