@@ -47,13 +47,17 @@ def lstm_precision() -> AbstractContextManager:
 
 @contextmanager
 def lstm_backend(x: torch.Tensor) -> Iterator[None]:
-    """oneDNN off for an LSTM call on CPU that records a graph (training, RL re-scoring).
+    """oneDNN off for an LSTM call on CPU that records a graph (training, RL re-scoring) in float32.
 
     For backward oneDNN keeps a workspace per call about three times the gates ATen's LSTM
     saves (one decoder step of 64 rows, 2 layers of 512: 7.1 MiB against 2), and one step at a
-    time it runs more slowly. Without a graph (search, validation) oneDNN stays.
+    time it runs more slowly. Without a graph (search, validation) oneDNN stays, and so it does
+    under CPU autocast (``lstm_precision`` leaves it on only where the CPU has the type): ATen's
+    LSTM made Seq2Seq's bf16 MLE step slower than its float32 one, oneDNN's bf16 LSTM faster
+    (``benchmarks/bench_training.py``).
     """
-    if not (torch.is_grad_enabled() and x.device.type == "cpu" and torch.backends.mkldnn.enabled):
+    if torch.is_autocast_enabled("cpu") or not (
+            torch.is_grad_enabled() and x.device.type == "cpu" and torch.backends.mkldnn.enabled):
         yield
         return
     torch.backends.mkldnn.set_flags(False, _fp32_precision=None)

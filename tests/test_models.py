@@ -9,6 +9,7 @@ from conftest import make_tiny_model
 from simple_nmt.data import BOS, EOS, PAD
 from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model
 from simple_nmt.models.transformer import attend_few
+from simple_nmt.precision import cpu_has_native
 from simple_nmt.search import repeat_state
 
 SRC_V, TGT_V = 19, 15
@@ -414,3 +415,18 @@ def test_seq2seq_trains_its_lstms_without_onednn_workspaces():
     log_probs.sum().backward()
     with torch.no_grad():
         torch.testing.assert_close(model(src, src_lengths, tgt_in), log_probs.detach())
+
+
+def test_seq2seq_trains_its_lstms_on_onednn_under_native_bf16_autocast():
+    """Under bf16 autocast on a CPU that has bf16 products the LSTMs keep oneDNN in training too (its byte
+    workspace is saved); on one without, they run on ATen's kernels in float32 (lstm_precision)."""
+    model = make_tiny_model(Seq2Seq, 11, 9)
+    g = torch.Generator().manual_seed(4)
+    src, src_lengths = torch.randint(4, 11, (3, 6), generator=g), torch.tensor([6, 4, 2])
+    saved = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.dtype) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs = model(src, src_lengths, torch.randint(4, 9, (3, 7), generator=g))
+    assert (torch.uint8 in saved) == cpu_has_native("bf16")
+    log_probs.float().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.decoder.parameters())
