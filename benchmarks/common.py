@@ -30,6 +30,16 @@ def onednn_lstms() -> contextlib.AbstractContextManager:
     return unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend", lambda x: contextlib.nullcontext())
 
 
+def aten_lstms() -> contextlib.AbstractContextManager:
+    """A patch under which Seq2Seq's LSTMs run on ATen's kernels whenever they record a graph, under CPU
+    autocast too (where ``lstm_backend`` keeps oneDNN)."""
+    import simple_nmt.models.seq2seq
+    from simple_nmt.precision import onednn_off
+
+    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend",
+                                      lambda x: onednn_off() if torch.is_grad_enabled() else contextlib.nullcontext())
+
+
 def best_time(fn: Callable[[], object], repeat: int = 5, device: torch.device | None = None) -> float:
     """The fastest of ``repeat`` runs of ``fn`` in seconds, after one warm-up run."""
     fn()

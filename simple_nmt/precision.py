@@ -46,7 +46,16 @@ def lstm_precision() -> AbstractContextManager:
 
 
 @contextmanager
-def lstm_backend(x: torch.Tensor) -> Iterator[None]:
+def onednn_off() -> Iterator[None]:
+    """ATen's CPU kernels instead of oneDNN's inside; oneDNN on again after."""
+    torch.backends.mkldnn.set_flags(False, _fp32_precision=None)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.set_flags(True, _fp32_precision=None)
+
+
+def lstm_backend(x: torch.Tensor) -> AbstractContextManager:
     """oneDNN off for an LSTM call on CPU that records a graph (training, RL re-scoring) in float32.
 
     For backward oneDNN keeps a workspace per call about three times the gates ATen's LSTM
@@ -56,15 +65,9 @@ def lstm_backend(x: torch.Tensor) -> Iterator[None]:
     LSTM made Seq2Seq's bf16 MLE step slower than its float32 one, oneDNN's bf16 LSTM faster
     (``benchmarks/bench_training.py``).
     """
-    if torch.is_autocast_enabled("cpu") or not (
-            torch.is_grad_enabled() and x.device.type == "cpu" and torch.backends.mkldnn.enabled):
-        yield
-        return
-    torch.backends.mkldnn.set_flags(False, _fp32_precision=None)
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.set_flags(True, _fp32_precision=None)
+    graph_in_fp32 = torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    on = x.device.type == "cpu" and torch.backends.mkldnn.enabled and graph_in_fp32
+    return onednn_off() if on else nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
