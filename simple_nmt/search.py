@@ -110,6 +110,38 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def as_blocks(x: torch.Tensor, block: int, fill: float) -> torch.Tensor:
+    """|x| = (n, size) as (n, ceil(size / block), block), the last block padded with ``fill``."""
+    if x.size(1) % block:
+        x = torch.nn.functional.pad(x, (0, block - x.size(1) % block), value=fill)
+    return x.view(x.size(0), -1, block)
+
+
+def block_argmax(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of |x| = (n, size), the first of equal maxima, several times faster on CPU:
+    the block of ``block`` columns with the largest maximum first (``amax`` is vectorised, ``argmax``
+    over a long row is not), then the column within it."""
+    blocks = as_blocks(x, block, float("-inf"))  # |blocks| = (n, n_blocks, block)
+    b = blocks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # |b| = (n, 1)
+    j = blocks.gather(1, b[:, :, None].expand(-1, -1, block)).squeeze(1).argmax(dim=-1, keepdim=True)
+    return (b * block + j).squeeze(1)
+
+
+def block_topk(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.topk(k, dim=-1)`` of |x| = (n, size): values and columns, largest first, several times faster on
+    CPU. The k largest values of a row lie in the k blocks of ``block`` columns with the largest maxima,
+    so only those blocks are searched (kept in column order; of equal values, other columns than
+    ``topk``'s may be chosen). A row with fewer than k values above -inf is searched by ``topk``: the
+    padding of the last block, -inf too, must not be chosen."""
+    blocks = as_blocks(x, block, float("-inf"))  # |blocks| = (n, n_blocks, block)
+    best = blocks.amax(dim=-1).topk(min(k, blocks.size(1)), dim=-1).indices.sort(dim=-1).values  # (n, k)
+    candidates = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).flatten(1)  # (n, k * block)
+    values, j = candidates.topk(k, dim=-1)  # |values| = |j| = (n, k)
+    if bool((values[:, -1] == float("-inf")).any()):
+        return x.topk(k, dim=-1)
+    return values, best.gather(1, j // block) * block + j % block
+
+
 def draw(weights: torch.Tensor, block: int = 64) -> torch.Tensor:
     """One sample per row, with probability proportional to ``weights``, by inverting the cumulative sum.
 
@@ -125,10 +157,8 @@ def draw(weights: torch.Tensor, block: int = 64) -> torch.Tensor:
     Returns:
         |ids| = (batch_size,), never a token of weight 0.
     """
-    n, vocab_size = weights.shape
-    if vocab_size % block:
-        weights = torch.nn.functional.pad(weights, (0, block - vocab_size % block))  # zeros: never drawn
-    blocks = weights.view(n, -1, block)  # |blocks| = (batch_size, n_blocks, block)
+    n = weights.size(0)
+    blocks = as_blocks(weights, block, 0.0)  # |blocks| = (batch_size, n_blocks, block); zeros are never drawn
     cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # |cdf| = (batch_size, n_blocks)
     u = torch.rand(n, 1, device=weights.device, dtype=cdf.dtype) * cdf[:, -1:]
     # the first block whose cumulative weight exceeds u (u kept below the total, also after rounding)
@@ -158,10 +188,10 @@ def _forbid_specials(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
 
 def _greedy(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     """The best token of each row other than PAD and BOS: |log_probs| = (n, vocab_size) -> (n,)."""
-    y = log_probs.argmax(dim=-1)
+    y = block_argmax(log_probs)
     special = (y == ids.pad) | (y == ids.bos)
     if special.any():  # rare in a trained model: only these rows are searched again without them
-        y[special] = _forbid_specials(log_probs[special], ids).argmax(dim=-1)
+        y[special] = block_argmax(_forbid_specials(log_probs[special], ids))
     return y
 
 
@@ -303,7 +333,7 @@ def beam_search(
         candidates[finished] = float("-inf")
         candidates[finished, specials.pad] = scores.view(-1)[finished]
         candidates = candidates.view(batch_size, k * vocab_size)
-        scores, best = candidates.topk(k, dim=-1)  # |scores| = |best| = (batch_size, k)
+        scores, best = block_topk(candidates, k)  # |scores| = |best| = (batch_size, k)
         rows = (offsets + best // vocab_size).view(-1)  # |rows| = (batch_size * k,)
         y = (best % vocab_size).view(-1)
         state = reorder(model, state, rows, within_sources=True)

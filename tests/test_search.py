@@ -17,7 +17,16 @@ from conftest import make_tiny_model
 from simple_nmt.data import BOS, EOS, LIBRARY_IDS, PAD, UNK
 from simple_nmt.models import Seq2Seq, Transformer
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import _sample, draw, filter_logits, length_penalty, repeat_state, select_state
+from simple_nmt.search import (
+    _sample,
+    block_argmax,
+    block_topk,
+    draw,
+    filter_logits,
+    length_penalty,
+    repeat_state,
+    select_state,
+)
 
 A, B, C = 4, 5, 6
 V = 7  # PAD, UNK, BOS, EOS, a, b, c
@@ -438,6 +447,25 @@ def test_draw_matches_the_distribution_and_never_draws_a_zero_weight(vocab_size)
     # one-hot rows, anywhere in the vocabulary, give their token every time
     one_hot = torch.eye(vocab_size, dtype=torch.float32)[torch.arange(vocab_size).flip(0)]
     assert draw(one_hot, block=16).tolist() == list(range(vocab_size))[::-1]
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 65, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_argmax_and_topk_equal_torchs(size, dtype):
+    """The block searches give torch's argmax (the first of equal maxima) and topk: random rows, rows with
+    ties (few distinct values), rows of -inf but for one column, and a k above the number of blocks."""
+    g = torch.Generator().manual_seed(size)
+    rows = [torch.randn(40, size, generator=g),
+            torch.randint(0, 3, (40, size), generator=g).float(),  # many equal values
+            torch.full((40, size), float("-inf")).scatter(1, torch.randint(0, size, (40, 1), generator=g), 1.0)]
+    for x in (r.to(dtype) for r in rows):
+        assert torch.equal(block_argmax(x, block=16), x.argmax(dim=-1))
+        for k in sorted({1, min(3, size), size}):
+            values, columns = block_topk(x, k, block=16)
+            expected = x.topk(k, dim=-1).values
+            assert torch.equal(values, expected)
+            assert torch.equal(x.gather(1, columns), expected)  # the columns hold those values
+            assert (columns.sort(dim=-1).values.diff(dim=-1) > 0).all()  # k distinct columns
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.01])

@@ -99,8 +99,9 @@ def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if cache.requires_grad and torch.is_grad_enabled():  # autograd copies the cache at each step anyway
         return take_rows(cache, index)
     n, heads, t, size = cache.shape
-    out = cache.new_zeros(len(index), heads, cache_room(cache), size)[:, :, :t]  # room of zeros: attend_few
-    return torch.index_select(cache, 0, index, out=out)
+    buffer = cache.new_empty(len(index), heads, cache_room(cache), size)
+    buffer[:, :, t:] = 0  # room of zeros: attend_few reads it
+    return torch.index_select(cache, 0, index, out=buffer[:, :, :t])
 
 
 # Positions a new cache buffer holds beyond those it is made with: a buffer is made (and the cache copied)
