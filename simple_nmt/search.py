@@ -293,8 +293,10 @@ def beam_search(
     """Beam search vectorised over batch x beam.
 
     A finished hypothesis stays in its beam, extended by PAD at no cost, so
-    that beam size 1 is exactly greedy decoding. Hypotheses are ranked at the
-    end by log-probability divided by the GNMT length penalty.
+    that beam size 1 is exactly greedy decoding. Once at least half of the
+    sources still decoded have all their hypotheses finished, those sources are
+    no longer decoded. Hypotheses are ranked at the end by log-probability
+    divided by the GNMT length penalty.
 
     Args:
         model: offers ``encode`` and ``decode_step``.
@@ -323,26 +325,39 @@ def beam_search(
     lengths = torch.zeros(batch_size * k, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
     y = torch.full((batch_size * k,), specials.bos, dtype=torch.long, device=device)
-    offsets = torch.arange(batch_size, device=device)[:, None] * k  # |offsets| = (batch_size, 1)
+    active = torch.arange(batch_size, device=device)  # the sources the state still decodes, in its order
+    beams = torch.arange(k, device=device)
     for t in range(int(limits.max())):
-        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (batch_size * k, vocab_size)
-        vocab_size = step_log_probs.size(-1)
-        candidates = scores.view(-1, 1) + step_log_probs.float()  # a tensor of its own: changed in place
+        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(active) * k, vocab_size)
+        n, vocab_size = len(active), step_log_probs.size(-1)
+        rows = (active[:, None] * k + beams).view(-1)  # the decoded hypotheses' rows of seqs: (n * k,)
+        ended = finished[rows]
+        candidates = scores[active].view(-1, 1) + step_log_probs.float()  # a tensor of its own: changed in place
         candidates[:, never_emitted(specials)] = float("-inf")
         # a finished hypothesis is extended by PAD at no cost, and by nothing else
-        candidates[finished] = float("-inf")
-        candidates[finished, specials.pad] = scores.view(-1)[finished]
-        candidates = candidates.view(batch_size, k * vocab_size)
-        scores, best = block_topk(candidates, k)  # |scores| = |best| = (batch_size, k)
-        rows = (offsets + best // vocab_size).view(-1)  # |rows| = (batch_size * k,)
+        candidates[ended] = float("-inf")
+        candidates[ended, specials.pad] = scores[active].view(-1)[ended]
+        top, best = block_topk(candidates.view(n, k * vocab_size), k)  # |top| = |best| = (n, k)
+        kept = (torch.arange(n, device=device)[:, None] * k + best // vocab_size).view(-1)  # rows of the state
         y = (best % vocab_size).view(-1)
-        state = reorder(model, state, rows, within_sources=True)
-        seqs = torch.cat([seqs.index_select(0, rows), y[:, None]], dim=1)
-        lengths = lengths.index_select(0, rows) + (~finished.index_select(0, rows)).long()
-        finished = finished.index_select(0, rows) | (y == specials.eos)
-        finished |= (t + 1 >= limits).repeat_interleave(k)
+        state = reorder(model, state, kept, within_sources=True)
+        scores[active] = top
+        # the sources no longer decoded keep their hypotheses, each extended by PAD at no cost
+        order = torch.arange(batch_size * k, device=device)
+        order[rows] = rows[kept]
+        tokens = torch.full_like(order, specials.pad)
+        tokens[rows] = y
+        seqs = torch.cat([seqs.index_select(0, order), tokens[:, None]], dim=1)
+        lengths = lengths.index_select(0, order) + (~finished.index_select(0, order)).long()
+        finished = finished.index_select(0, order) | (tokens == specials.eos)
+        finished[rows] |= (t + 1 >= limits[active]).repeat_interleave(k)
         if finished.all():
             break
+        done = finished[rows].view(n, k).all(dim=1)  # |done| = (n,)
+        if 2 * int(done.sum()) >= n:  # at least half of the decoded sources have ended: stop decoding them
+            keep = (~done).nonzero().squeeze(1)
+            keep_rows = (keep[:, None] * k + beams).view(-1)
+            state, y, active = reorder(model, state, keep_rows), y[keep_rows], active[keep]
     normalized = scores / length_penalty(lengths, length_penalty_alpha).view(batch_size, k)
     n_best = min(n_best, k)
     top_scores, top = normalized.topk(n_best, dim=-1)  # |top| = (batch_size, n_best)

@@ -101,6 +101,13 @@ def test_every_profile_sets_what_its_runs_read_and_a_model_without_settings_is_n
     converged = module.PROFILES["converged"]
     assert converged["rl_sentences"] == 0
     assert "--rl_kl_weight" in converged["rl_transformer"] and "--rl_kl_weight" in converged["rl_seq2seq"]
+    # the cpu profile runs in bf16 on a GPU and on a CPU with bf16 products, in fp32 on a CPU without
+    native = module.cpu_has_native("bf16")
+    assert module.profile_precision(module.PROFILES["cpu"], "-1") == ("bf16" if native else "fp32")
+    assert module.profile_precision(module.PROFILES["cpu"], "0") == "bf16"
+    module.cpu_has_native = lambda name: False
+    assert module.profile_precision(module.PROFILES["cpu"], "-1") == "fp32"
+    assert module.profile_precision(module.PROFILES["smoke"], "-1") == "auto"
     proc = recipe(str(multi30k_like(tmp_path / "data")), "--profile", "converged", "--models", "marian",
                   "--workdir", str(tmp_path / "work"))
     assert proc.returncode == 2

@@ -665,13 +665,18 @@ def test_batched_beam_equals_per_sentence(cls, alpha, ratio):
 def test_beam_search_keeps_source_only_state_and_equals_reordering_all_of_it(cls):
     model = make_model(cls)
     src, src_lengths = random_batch(LENGTHS, seed=3)
-    seen = record_steps(model, lambda y, state: {key: state[key] for key in cls.source_state_keys})
-    hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=4, n_best=2, max_length=10)
-    for key in cls.source_state_keys:  # neither copied nor reordered between steps
-        assert all(step[key] is seen[0][key] for step in seen[1:])
+    seen = record_steps(model, lambda y, state: (y.size(0), state["group"], {key: state[key] for key in
+                                                                             cls.source_state_keys}))
+    kwargs = dict(beam_size=4, n_best=2, max_length=10, max_length_ratio=1.0)  # sources end at different steps
+    hyps, scores = model.batch_beam_search(src, src_lengths, **kwargs)
+    assert {group for _, group, _ in seen} == {4}  # one copy per source, also after sources stop being decoded
+    assert seen[-1][0] < seen[0][0]  # sources stopped being decoded
+    for (rows, _, before), (rows_after, _, after) in zip(seen, seen[1:]):
+        for key in cls.source_state_keys:  # neither copied nor reordered between steps, unless sources ended
+            assert (after[key] is before[key]) == (rows_after == rows)
     model.source_state_keys = ()  # reorder every entry of the state, repeated for every row
     model.repeat_state = lambda state, n: repeat_state(state, n)
-    again, again_scores = model.batch_beam_search(src, src_lengths, beam_size=4, n_best=2, max_length=10)
+    again, again_scores = model.batch_beam_search(src, src_lengths, **kwargs)
     assert again == hyps
     # the Transformer's grouped cross-attention (one per source) rounds differently from one per row
     torch.testing.assert_close(again_scores, scores, atol=1e-5, rtol=1e-5)

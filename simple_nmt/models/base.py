@@ -49,15 +49,22 @@ class EncoderDecoder(nn.Module):
         Args:
             within_sources: ``index`` reorders only the rows of each source among themselves: the
                 ``source_state_keys`` entries, equal for those rows, are kept as they are (one per row,
-                or with ``groups_rows`` one per source). Reordering across sources gives each kept
-                row its own copy of its source's entries (group 1).
+                or with ``groups_rows`` one per source). Reordering across sources keeps one copy of
+                those entries per source where ``index`` takes whole sources, all their rows in order
+                (beam search stops decoding sources that have ended), and else gives each kept row
+                its own copy (group 1).
         """
         if within_sources or not self.groups_rows:
             return decoding.select_state(state, index, same=self.source_state_keys if within_sources else ())
-        rows_source = index // state["group"]
+        group = state["group"]
+        sources = index[::group] // group  # the sources of index, if it takes them whole
+        whole = len(index) % group == 0 and torch.equal(
+            index, (sources[:, None] * group + torch.arange(group, device=index.device)).view(-1))
+        if not whole:
+            sources, group = index // group, 1
         rest = decoding.select_state({k: v for k, v in state.items() if k not in self.source_state_keys}, index)
-        return dict(rest, **{k: decoding.select_state(state[k], rows_source) for k in self.source_state_keys},
-                    group=1)
+        return dict(rest, **{k: decoding.select_state(state[k], sources) for k in self.source_state_keys},
+                    group=group)
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Teacher forcing from ``encode``'s state up to the output layer ``self.generator``.
