@@ -25,12 +25,10 @@ medians of ``--repeat`` runs after a warm-up.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -121,22 +119,6 @@ def measure(args: argparse.Namespace, code: Path, model: str, method: str, preci
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@contextlib.contextmanager
-def checkout(ref: str | None):
-    """A worktree of the project at ``ref`` (None: nothing)."""
-    if ref is None:
-        yield None
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True,
-                       capture_output=True)
-        try:
-            yield path
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -162,7 +144,7 @@ def main() -> None:
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from common import machine, table  # noqa: E402
+    from common import checkout, machine, table  # noqa: E402
 
     torch.set_num_threads(args.threads)  # as in the workers, for the header
     headers = ["model", "method", "precision", "GFLOP", "seconds", "matmul seconds", "decode / matmul",

@@ -6,12 +6,17 @@ import contextlib
 import os
 import platform
 import resource
+import subprocess
+import tempfile
 import time
 import unittest.mock
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+PROJECT = Path(__file__).resolve().parents[1]
 
 # The models every benchmark measures: realistic NMT sizes, a shared subword vocabulary size.
 VOCAB = 8000
@@ -190,3 +195,19 @@ def replay_products(products: list[tuple[int, torch.Tensor, bool]], device: torc
 
     flop = sum(2 * x.numel() * w.size(0) * (1 if g is None else 3) for x, w, g in work)
     return replay, flop / 1e9
+
+
+@contextlib.contextmanager
+def checkout(ref: str | None):
+    """A worktree of the project at ``ref`` (None: nothing)."""
+    if ref is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "before"
+        subprocess.run(["git", "-C", str(PROJECT), "worktree", "add", "--detach", str(path), ref], check=True,
+                       capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["git", "-C", str(PROJECT), "worktree", "remove", "--force", str(path)], check=True)
