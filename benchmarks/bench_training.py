@@ -60,14 +60,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated --precision values; fp32 first")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, of: " + ", ".join(MODELS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precisions = args.precisions.split(",")
     if precisions[0] != "fp32":
         p.error("--precisions must start with fp32, the reference of the ratios")
-    rows, results = [], {}
-    for name in MODELS:
+    rows, results, models = [], {}, args.models.split(",")
+    for name in models:
         for precision in precisions:
             results[name, precision] = tokens_per_second(name, device, precision, args.batch_size, args.steps)
             ratio = results[name, precision] / results[name, "fp32"]
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"# MLE training on {args.device}: {machine(device)}; batch {args.batch_size}, 30 target tokens + EOS")
     print(table(["model", "precision", "target tokens/s", "against fp32"], rows))
     print("headline: " + ", ".join(f"{name} {precision} {results[name, precision] / results[name, 'fp32']:.2f}x "
-                                   "fp32's tokens/s" for name in MODELS for precision in precisions[1:])
+                                   "fp32's tokens/s" for name in models for precision in precisions[1:])
           + f" ({args.device})")
 
 
