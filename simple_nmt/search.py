@@ -331,12 +331,12 @@ def beam_search(
         step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(active) * k, vocab_size)
         n, vocab_size = len(active), step_log_probs.size(-1)
         rows = (active[:, None] * k + beams).view(-1)  # the decoded hypotheses' rows of seqs: (n * k,)
-        ended = finished[rows]
-        candidates = scores[active].view(-1, 1) + step_log_probs.float()  # a tensor of its own: changed in place
+        ended, decoded_scores = finished[rows], scores[active].view(-1)  # |decoded_scores| = (n * k,)
+        candidates = decoded_scores[:, None] + step_log_probs.float()  # a tensor of its own: changed in place
         candidates[:, never_emitted(specials)] = float("-inf")
         # a finished hypothesis is extended by PAD at no cost, and by nothing else
         candidates[ended] = float("-inf")
-        candidates[ended, specials.pad] = scores[active].view(-1)[ended]
+        candidates[ended, specials.pad] = decoded_scores[ended]
         top, best = block_topk(candidates.view(n, k * vocab_size), k)  # |top| = |best| = (n, k)
         kept = (torch.arange(n, device=device)[:, None] * k + best // vocab_size).view(-1)  # rows of the state
         y = (best % vocab_size).view(-1)
