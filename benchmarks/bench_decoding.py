@@ -27,12 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import MODELS, VOCAB, checkout, machine, recorded_products, replay_products, run_worker, table  # noqa: E402
+
 METHODS = ("greedy", "sampling", "beam 5")
 NAMES = ("transformer", "transformer (no cache)", "seq2seq")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -43,9 +46,6 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from simple_nmt.models import Seq2Seq, Transformer
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import MODELS, VOCAB, recorded_products, replay_products  # noqa: E402
 
     class NoCacheTransformer(Transformer):
         """The same Transformer, decoding without a self-attention key/value cache."""
@@ -113,10 +113,7 @@ def measure(args: argparse.Namespace, code: Path, model: str, method: str, preci
                "--precision", precision, "--device", args.device, "--length", str(args.length), "--batch_size",
                str(args.batch_size), "--n_samples", str(args.n_samples), "--repeat", str(args.repeat),
                "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{model}, {method}, {precision} ({code}): {proc.stderr.strip().splitlines()[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(command, f"{model}, {method}, {precision} ({code})")
 
 
 def main() -> None:
@@ -142,9 +139,7 @@ def main() -> None:
         sys.path.insert(0, args.code)
         print(json.dumps(worker(args)))
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from common import checkout, machine, table  # noqa: E402
 
     torch.set_num_threads(args.threads)  # as in the workers, for the header
     headers = ["model", "method", "precision", "GFLOP", "seconds", "matmul seconds", "decode / matmul",

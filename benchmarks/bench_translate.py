@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PROJECT, checkout, machine, table  # noqa: E402
+from common import PROJECT, checkout, machine, run_worker, table  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -55,10 +54,7 @@ def measure(args: argparse.Namespace, code: Path, precision: str) -> dict:
                "--input", args.input, "--precision", precision, "--beam_size", str(args.beam_size),
                "--batch_size", str(args.batch_size), "--device", args.device, "--threads", str(args.threads),
                "--repeat", str(args.repeat)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"{precision} ({code}): {proc.stderr.strip().splitlines()[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(command, f"{precision} ({code})")
 
 
 def main() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import resource
 import subprocess
+import sys
 import tempfile
 import time
 import unittest.mock
@@ -211,3 +213,11 @@ def checkout(ref: str | None):
             yield path
         finally:
             subprocess.run(["git", "-C", str(PROJECT), "worktree", "remove", "--force", str(path)], check=True)
+
+
+def run_worker(command: list[str], what: str) -> dict:
+    """Run a benchmark's worker process; the JSON of its last output line, or exit naming ``what``."""
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{what}: {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
