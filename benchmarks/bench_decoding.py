@@ -29,12 +29,23 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, VOCAB, checkout, machine, recorded_products, replay_products, run_worker, table  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    PROJECT,
+    VOCAB,
+    checkout,
+    machine,
+    now_and_before,
+    recorded_products,
+    replay_products,
+    run_worker,
+    table,
+)
 
 METHODS = ("greedy", "sampling", "beam 5")
 NAMES = ("transformer", "transformer (no cache)", "seq2seq")
@@ -130,7 +141,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--code", default=str(ROOT), help=argparse.SUPPRESS)
+    p.add_argument("--code", default=str(PROJECT), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
@@ -151,15 +162,12 @@ def main() -> None:
         for model in args.models.split(","):
             for method in args.methods.split(","):
                 for precision in args.precisions.split(","):
-                    if before is not None and len(rows) % 2:  # alternate which version runs first
-                        old = measure(args, before, model, method, precision)
-                    now = measure(args, ROOT, model, method, precision)
-                    if before is not None and not len(rows) % 2:
-                        old = measure(args, before, model, method, precision)
+                    now, old = now_and_before(partial(measure, args, model=model, method=method, precision=precision),
+                                              before, before_first=len(rows) % 2 == 1)
                     row = [model, method, precision, f"{now['gflop']:.1f}", f"{now['seconds']:.3f}",
                            f"{now['matmul_seconds']:.3f}", f"{now['seconds'] / now['matmul_seconds']:.2f}x",
                            f"{args.batch_size / now['seconds']:.1f}"]
-                    if before is not None:
+                    if old is not None:
                         row += [f"{old['seconds']:.3f}", f"{old['seconds'] / now['seconds']:.2f}x"]
                     rows.append(row)
                     print(table(headers, [row]).splitlines()[-1], flush=True)

@@ -20,11 +20,12 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PROJECT, checkout, machine, run_worker, table  # noqa: E402
+from common import PROJECT, checkout, machine, now_and_before, run_worker, table  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -85,15 +86,11 @@ def main() -> None:
     rows, seconds = [], {}
     with checkout(args.before) as before:
         for i, precision in enumerate(precisions):
-            if before is not None and i % 2:  # alternate which version runs first
-                old = measure(args, before, precision)
-            now = measure(args, PROJECT, precision)
-            if before is not None and not i % 2:
-                old = measure(args, before, precision)
+            now, old = now_and_before(partial(measure, args, precision=precision), before, before_first=i % 2 == 1)
             seconds[precision] = now["seconds"]
             row = [precision, f"{now['seconds']:.2f}", f"{n_lines / now['seconds']:.1f}",
                    f"{seconds['fp32'] / now['seconds']:.2f}x"]
-            if before is not None:
+            if old is not None:
                 same = sum(a == b for a, b in zip(now["lines"], old["lines"]))
                 row += [f"{old['seconds']:.2f}", f"{old['seconds'] / now['seconds']:.2f}x", f"{same} / {n_lines}"]
             rows.append(row)

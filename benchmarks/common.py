@@ -215,6 +215,20 @@ def checkout(ref: str | None):
             subprocess.run(["git", "-C", str(PROJECT), "worktree", "remove", "--force", str(path)], check=True)
 
 
+def now_and_before(measure: Callable[[Path], dict], before: Path | None, before_first: bool
+                   ) -> tuple[dict, dict | None]:
+    """``measure`` of the current code (``PROJECT``) and, given a checkout ``before``, of that code too
+    (None without), ``before`` measured first if ``before_first``: alternating which runs first from
+    one measurement to the next keeps a drift of the machine out of the ratios."""
+    if before is None:
+        return measure(PROJECT), None
+    if before_first:
+        old = measure(before)
+        return measure(PROJECT), old
+    now = measure(PROJECT)
+    return now, measure(before)
+
+
 def run_worker(command: list[str], what: str) -> dict:
     """Run a benchmark's worker process; the JSON of its last output line, or exit naming ``what``."""
     proc = subprocess.run(command, capture_output=True, text=True)
