@@ -12,9 +12,9 @@ step samples all K+1 outputs in one batched no-grad search, scores them with the
 vectorised GLEU and re-scores the actor by teacher forcing (one forward per
 group of similar sample lengths).
 
-On CPU, Seq2Seq has more rows: the engine with its LSTMs in the re-scoring on the kernels
-``simple_nmt.precision.lstm_backend`` does not choose there: oneDNN's in fp32 (``lstm_backend``
-made a no-op, the way they ran before it), ATen's under bf16 / fp16 (``common.aten_lstms``).
+On CPU, Seq2Seq has a row per bf16 / fp16 precision with the engine's re-scoring as before
+``UnrolledLSTM``: the decoder's ``nn.LSTM`` called once per step (``common.stepped_decoder``; float32
+re-scores that way).
 
 Each measurement runs in a fresh process, so that its peak memory is its own:
 peak RSS growth over the set-up on CPU, torch.cuda.max_memory_allocated on GPU. On
@@ -71,11 +71,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (  # noqa: E402
     MODELS,
     VOCAB,
-    aten_lstms,
     machine,
-    onednn_lstms,
     recorded_products,
     replay_products,
+    stepped_decoder,
     table,
     time_steps,
 )
@@ -192,10 +191,8 @@ def worker(args: argparse.Namespace) -> dict:
              "tgt": tgt.to(device)}
     engine = MinimumRiskTrainingEngine(model, optimizer, config, device=device)
 
-    if args.method == "engine_onednn":  # the LSTMs on oneDNN with a graph too, as before lstm_backend
-        onednn_lstms().start()  # for the rest of this worker process
-    if args.method == "engine_aten":  # the LSTMs on ATen with a graph under autocast too
-        aten_lstms().start()
+    if args.method == "engine_stepped":  # the decoder's nn.LSTM once per step in the re-scoring too
+        stepped_decoder().start()  # for the rest of this worker process
     lengths = []
     if args.method == "products":  # the engine's step's matrix products alone
         with recorded_products(model) as products:
@@ -260,9 +257,8 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
     methods = [("original", "fp32")] if args.classic_dir else []
     methods += [("classic", "fp32")] + [(method, precision) for precision in args.precisions.split(",")
                                         for method in ("engine", "products")]
-    if model == "seq2seq" and args.device == "cpu":  # the LSTMs' kernels lstm_backend does not choose
-        methods += [("engine_onednn", "fp32")] + [("engine_aten", precision) for precision in
-                                                  args.precisions.split(",") if precision != "fp32"]
+    if model == "seq2seq" and args.device == "cpu":  # the re-scoring as before UnrolledLSTM
+        methods += [("engine_stepped", precision) for precision in args.precisions.split(",") if precision != "fp32"]
     results = {m: measure(args, model, m[0], 4, 64, m[1]) for m in methods}
     reference = results[methods[0]]
     rows = []
@@ -277,8 +273,8 @@ def versus_rows(args: argparse.Namespace, model: str) -> list[list[object]]:
         memory = f"{r['memory_mb']:.0f}"
         if method == "products":  # a replay's memory says nothing of the step's
             method, memory, ratios[1] = "engine's products alone", "-", "-"
-        method = {"engine_onednn": "engine, oneDNN's LSTM in training",
-                  "engine_aten": "engine, ATen's LSTM in training"}.get(method, method)
+        if method == "engine_stepped":
+            method = "engine, nn.LSTM per step in training"
         rows.append([model, method, precision, f"{r['seconds']:.3f}", memory, *ratios])
     return rows
 

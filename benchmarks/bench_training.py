@@ -4,9 +4,9 @@
 
 Each precision of a model is measured in the same process, one after the other, and
 given as a ratio to fp32. bf16 on a CPU without AVX-512 BF16 or AMX runs in software:
-the table's header says which CPU it ran on. On CPU, Seq2Seq has more rows: its LSTMs in
-training on the kernels ``lstm_backend`` does not choose there: oneDNN's in fp32 (``lstm_backend``
-made a no-op), ATen's in bf16 / fp16 (``common.aten_lstms``).
+the table's header says which CPU it ran on. On CPU, Seq2Seq has a row per bf16 / fp16 precision with
+its decoder trained as before ``UnrolledLSTM``, one ``nn.LSTM`` call per step (``common.stepped_decoder``;
+float32 trains that way).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MODELS, VOCAB, aten_lstms, machine, onednn_lstms, table  # noqa: E402
+from common import MODELS, VOCAB, machine, stepped_decoder, table  # noqa: E402
 
 from simple_nmt.cli import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS  # noqa: E402
@@ -73,12 +73,11 @@ def main() -> None:
             results[name, precision] = tokens_per_second(name, device, precision, args.batch_size, args.steps)
             ratio = results[name, precision] / results[name, "fp32"]
             rows.append([name, precision, f"{results[name, precision]:.0f}", f"{ratio:.2f}x"])
-        if name == "seq2seq" and device.type == "cpu":  # the LSTMs' other kernels in training
-            variants = [("fp32", "oneDNN's", onednn_lstms)] + [(low, "ATen's", aten_lstms) for low in precisions[1:]]
-            for precision, kernels, patch in variants:
-                with patch():
+        if name == "seq2seq" and device.type == "cpu":  # the decoder as it trained before UnrolledLSTM
+            for precision in precisions[1:]:
+                with stepped_decoder():
                     other = tokens_per_second(name, device, precision, args.batch_size, args.steps)
-                rows.append([name, f"{precision}, {kernels} LSTM in training", f"{other:.0f}",
+                rows.append([name, f"{precision}, nn.LSTM per step in training", f"{other:.0f}",
                              f"{other / results[name, 'fp32']:.2f}x"])
     print(f"# MLE training on {args.device}: {machine(device)}; batch {args.batch_size}, 30 target tokens + EOS")
     print(table(["model", "precision", "target tokens/s", "against fp32"], rows))

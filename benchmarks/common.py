@@ -28,23 +28,13 @@ MODELS = {
 }
 
 
-def onednn_lstms() -> contextlib.AbstractContextManager:
-    """A patch under which Seq2Seq's LSTMs run on oneDNN with a graph too (``lstm_backend`` a no-op),
-    as they did before it. The project's seq2seq module is imported here, not at the top: a worker of
-    the original toolkit imports a package of the same name."""
+def stepped_decoder() -> contextlib.AbstractContextManager:
+    """A patch under which Seq2Seq's decoder trains with one ``nn.LSTM`` call per step, on the kernels
+    ``precision.lstm_backend`` chooses, as it did before ``UnrolledLSTM``. The project's seq2seq module is
+    imported here, not at the top: a worker of the original toolkit imports a package of the same name."""
     import simple_nmt.models.seq2seq
 
-    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend", lambda x: contextlib.nullcontext())
-
-
-def aten_lstms() -> contextlib.AbstractContextManager:
-    """A patch under which Seq2Seq's LSTMs run on ATen's kernels whenever they record a graph, under CPU
-    autocast too (where ``lstm_backend`` keeps oneDNN)."""
-    import simple_nmt.models.seq2seq
-    from simple_nmt.precision import onednn_off
-
-    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "lstm_backend",
-                                      lambda x: onednn_off() if torch.is_grad_enabled() else contextlib.nullcontext())
+    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "unrolls", lambda emb: False)
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, device: torch.device | None = None) -> float:

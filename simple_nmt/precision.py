@@ -56,14 +56,13 @@ def onednn_off() -> Iterator[None]:
 
 
 def lstm_backend(x: torch.Tensor) -> AbstractContextManager:
-    """oneDNN off for an LSTM call on CPU that records a graph (training, RL re-scoring) in float32.
+    """oneDNN off for an LSTM call on CPU that records a graph (the encoder in training, RL re-scoring)
+    in float32.
 
-    For backward oneDNN keeps a workspace per call about three times the gates ATen's LSTM
-    saves (one decoder step of 64 rows, 2 layers of 512: 7.1 MiB against 2), and one step at a
-    time it runs more slowly. Without a graph (search, validation) oneDNN stays, and so it does
-    under CPU autocast (``lstm_precision`` leaves it on only where the CPU has the type): ATen's
-    LSTM made Seq2Seq's bf16 MLE step slower than its float32 one, oneDNN's bf16 LSTM faster
-    (``benchmarks/bench_training.py``).
+    For backward oneDNN keeps a byte workspace per call about three times the gates ATen's LSTM
+    saves. Without a graph (search, validation) oneDNN stays, and so it does under CPU autocast
+    (``lstm_precision`` leaves it on only where the CPU has the type): ATen's bf16 LSTM was the
+    slower one there. Seq2Seq's decoder trains on neither on CPU: ``UnrolledLSTM`` steps it by hand.
     """
     graph_in_fp32 = torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
     on = x.device.type == "cpu" and torch.backends.mkldnn.enabled and graph_in_fp32

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
+from simple_nmt import precision
 from simple_nmt.data import BOS, EOS, PAD
-from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model
+from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model, seq2seq
 from simple_nmt.models.transformer import attend_few
-from simple_nmt.precision import cpu_has_native
 from simple_nmt.search import repeat_state
 
 SRC_V, TGT_V = 19, 15
@@ -204,12 +204,13 @@ def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice(
     tgt = torch.tensor([[BOS] + random_seqs([40], TGT_V, seed=5)[0]] * 2)
     with torch.no_grad():
         full = model(src, src_lengths, tgt)
-        state, buffers = model.encode(src, src_lengths), set()
+        state, buffers = model.encode(src, src_lengths), {}
         for t in range(tgt.size(1)):
             # 41 steps: the first step's own keys, then buffers of 16, 2 x 17 and 2 x 35 positions
             step, state = model.decode_step(tgt[:, t], state)
             close(step, full[:, t])
-            buffers.add(state["self_kv"][0][0].untyped_storage().data_ptr())
+            storage = state["self_kv"][0][0].untyped_storage()
+            buffers[storage.data_ptr()] = storage  # held, so that no later buffer can take its address
         assert len(buffers) == 4
         # two steps from one state (branches of a search): each sees its own history
         branch_a, a = model.decode_step(torch.full((2,), 4), state)
@@ -400,33 +401,81 @@ def test_gradients_reach_every_parameter(cls):
             assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
-def test_seq2seq_trains_its_lstms_without_onednn_workspaces():
-    """With a graph on CPU the LSTMs run on ATen's kernels, whose saved gates are a third of oneDNN's
-    byte workspaces; the values are oneDNN's (used without a graph), and oneDNN is on afterwards."""
-    model = make_tiny_model(Seq2Seq, 11, 9)  # eval mode: no dropout
-    g = torch.Generator().manual_seed(4)
-    src, src_lengths = torch.randint(4, 11, (3, 6), generator=g), torch.tensor([6, 4, 2])
-    tgt_in = torch.randint(4, 9, (3, 7), generator=g)
-    saved = set()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.dtype) or t, lambda t: t):
-        log_probs = model(src, src_lengths, tgt_in)
-    assert torch.uint8 not in saved and torch.backends.mkldnn.enabled
-    log_probs.sum().backward()
-    with torch.no_grad():
-        torch.testing.assert_close(model(src, src_lengths, tgt_in), log_probs.detach())
+def seq2seq_grads(model: Seq2Seq, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The teacher-forced log-probs of ``batch`` and the gradients of their NLL, the model's gradients reset."""
+    model.zero_grad(set_to_none=True)
+    log_probs, loss = mle_loss(model, batch)
+    loss.backward()
+    return log_probs.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def test_seq2seq_trains_its_lstms_on_onednn_under_native_bf16_autocast():
-    """Under bf16 autocast on a CPU that has bf16 products the LSTMs keep oneDNN in training too (its byte
-    workspace is saved); on one without, they run on ATen's kernels in float32 (lstm_precision)."""
-    model = make_tiny_model(Seq2Seq, 11, 9)
-    g = torch.Generator().manual_seed(4)
-    src, src_lengths = torch.randint(4, 11, (3, 6), generator=g), torch.tensor([6, 4, 2])
-    saved = set()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.dtype) or t, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
-        log_probs = model(src, src_lengths, torch.randint(4, 9, (3, 7), generator=g))
-    assert (torch.uint8 in saved) == cpu_has_native("bf16")
-    log_probs.float().sum().backward()
-    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.decoder.parameters())
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_seq2seq_unrolled_lstm_equals_one_nn_lstm_call_per_step(n_layers, monkeypatch):
+    """The decoder's LSTM stepped by hand (UnrolledLSTM) gives the log-probs and every gradient of
+    nn.LSTM called once per step, to float64's precision."""
+    torch.manual_seed(n_layers)
+    model = Seq2Seq(SRC_V, TGT_V, word_vec_size=6, hidden_size=8, n_layers=n_layers, dropout=0.1).double().eval()
+    batch = teacher_forced_batch([5, 2, 7], [4, 6, 1], seed=3)
+    monkeypatch.setattr(seq2seq, "unrolls", lambda emb: True)
+    unrolled, unrolled_grads = seq2seq_grads(model, batch)
+    monkeypatch.setattr(seq2seq, "unrolls", lambda emb: False)
+    stepped, stepped_grads = seq2seq_grads(model, batch)
+    torch.testing.assert_close(unrolled, stepped, rtol=1e-12, atol=1e-12)
+    for name, grad in stepped_grads.items():
+        torch.testing.assert_close(unrolled_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_seq2seq_unrolled_lstm_under_bf16_autocast_keeps_its_cell_in_float32(monkeypatch):
+    """Under bf16 autocast the hand-stepped LSTM multiplies in bf16 and keeps its cell state in float32;
+    log-probs and gradients are the float32 ones within bf16's precision. On a CPU without bf16 products
+    it computes in float32, as nn.LSTM does there (lstm_precision)."""
+    model = make_model(Seq2Seq)
+    batch = teacher_forced_batch([5, 2, 7], [4, 6, 1], seed=3)
+    reference, reference_grads = seq2seq_grads(model, batch)
+    monkeypatch.setattr(precision, "cpu_has_native", lambda name: True)  # bf16 in software where it is not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, low_grads = seq2seq_grads(model, batch)
+    close(low.float(), reference, atol=0.05)
+    for name, grad in reference_grads.items():
+        close(low_grads[name], grad, atol=0.05 * float(grad.abs().max()) + 1e-6)
+    emb, state = torch.randn(3, 4, 16), model.encode(*batch[:2])
+    for native, dtype in [(True, torch.bfloat16), (False, torch.float32)]:
+        monkeypatch.setattr(precision, "cpu_has_native", lambda name, native=native: native)
+        with torch.autocast("cpu", dtype=torch.bfloat16), precision.lstm_precision():
+            lstm = seq2seq.UnrolledLSTM(model.decoder, emb, state["h"], state["c"])
+            out = lstm.step(0, state["h_tilde"])
+        assert out.dtype == dtype and all(w.dtype == dtype for w in lstm.weights)
+        assert all(c.dtype == torch.float32 for c in lstm.c)
+
+
+def test_seq2seq_steps_its_lstm_by_hand_where_it_trains_in_a_native_low_precision_on_cpu(monkeypatch):
+    """UnrolledLSTM where a graph is recorded under CPU autocast in a type the CPU multiplies natively;
+    one nn.LSTM call per step without a graph, in float32, and where the CPU lacks the type."""
+    emb = torch.zeros(2, 3, 4)
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_native", lambda name, native=native: native)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert seq2seq.unrolls(emb) == native
+            with torch.no_grad():
+                assert not seq2seq.unrolls(emb)
+        assert not seq2seq.unrolls(emb)
+
+
+def test_seq2seq_unrolled_lstm_drops_out_between_layers_only():
+    """In training, UnrolledLSTM drops out a layer's output on its way to the next layer, as nn.LSTM does,
+    and neither the top layer's output nor the recurrent state."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6 + 8, 8, 2, batch_first=True, dropout=0.5)
+    emb, h, c = torch.randn(4, 3, 6), torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    fed = torch.randn(4, 8)
+    outs = {}
+    for train in (False, True):
+        lstm.train(train)
+        unrolled = seq2seq.UnrolledLSTM(lstm, emb, h, c)
+        outs[train] = (unrolled.step(0, fed), unrolled.h[0], unrolled.c[0])
+    torch.testing.assert_close(outs[True][1], outs[False][1])  # layer 0's state: no dropout before it
+    torch.testing.assert_close(outs[True][2], outs[False][2])
+    assert not torch.allclose(outs[True][0], outs[False][0])  # layer 1 read a dropped-out input
+    lstm.dropout = 0.0
+    lstm.train()
+    torch.testing.assert_close(seq2seq.UnrolledLSTM(lstm, emb, h, c).step(0, fed), outs[False][0])

@@ -84,29 +84,99 @@ class Seq2Seq(EncoderDecoder):
             "group": 1,  # rows per source entry: repeat_state keeps the source entries once for n rows
         }
 
-    def _step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One decoder step up to the attentional hidden state h_tilde (batch_size, hidden_size)."""
-        emb = self.dropout(self.tgt_emb(y_prev))  # |emb| = (batch_size, word_vec_size)
+    def _step(self, emb: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One decoder step from the previous token's embedding |emb| = (batch_size, word_vec_size) up to
+        the attentional hidden state h_tilde (batch_size, hidden_size)."""
         x = torch.cat([emb, state["h_tilde"].to(emb.dtype)], dim=-1).unsqueeze(1)
         hidden = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
         with lstm_precision(), lstm_backend(x):
             out, (h, c) = self.decoder(x, hidden)  # |out| = (batch_size, 1, hidden_size)
+        return self._attend(out.squeeze(1), dict(state, h=h.transpose(0, 1), c=c.transpose(0, 1)))
+
+    def _attend(self, out: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Attention of the decoder's output |out| = (batch_size, hidden_size): h_tilde and the state with it."""
         # the rows of a source attend together to its one copy of the keys: |queries| = (sources, group, hidden_size)
-        queries = out.view(-1, state["group"], out.size(2))
+        queries = out.view(-1, state["group"], out.size(1))
         scores = torch.bmm(queries, state["keys"].transpose(1, 2))  # |scores| = (sources, group, src_length)
         weights = scores.float().masked_fill(state["pad_mask"][:, None, :], float("-inf")).softmax(dim=-1)
         context = torch.bmm(weights.to(state["memory"].dtype), state["memory"]).view(out.size(0), -1)
-        h_tilde = self.dropout(torch.tanh(self.concat(torch.cat([out.squeeze(1), context.to(out.dtype)], -1))))
-        new_state = dict(state, h=h.transpose(0, 1), c=c.transpose(0, 1), h_tilde=h_tilde)
-        return h_tilde, new_state
+        h_tilde = self.dropout(torch.tanh(self.concat(torch.cat([out, context.to(out.dtype)], -1))))
+        return h_tilde, dict(state, h_tilde=h_tilde)
 
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        h_tilde, state = self._step(y_prev, state)
+        h_tilde, state = self._step(self.dropout(self.tgt_emb(y_prev)), state)
         return self.generator(h_tilde).float().log_softmax(dim=-1), state
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        emb = self.dropout(self.tgt_emb(tgt_in))  # |emb| = (batch_size, length, word_vec_size)
         outputs = []
-        for t in range(tgt_in.size(1)):
-            h_tilde, state = self._step(tgt_in[:, t], state)
-            outputs.append(h_tilde)
+        if unrolls(emb):
+            with lstm_precision():
+                lstm = UnrolledLSTM(self.decoder, emb, state["h"], state["c"])
+            for t in range(tgt_in.size(1)):
+                with lstm_precision():
+                    out = lstm.step(t, state["h_tilde"])
+                h_tilde, state = self._attend(out, state)
+                outputs.append(h_tilde)
+        else:
+            for t in range(tgt_in.size(1)):
+                h_tilde, state = self._step(emb[:, t], state)
+                outputs.append(h_tilde)
         return torch.stack(outputs, dim=1)  # |h_tilde| = (batch_size, length, hidden_size)
+
+
+def unrolls(emb: torch.Tensor) -> bool:
+    """Whether teacher forcing steps the decoder's LSTM by hand (``UnrolledLSTM``): where it records a graph
+    on CPU under autocast in a type the CPU multiplies natively (``lstm_precision``). There it trains
+    faster than one ``nn.LSTM`` call per step and saves less; in float32, ATen's LSTM per step
+    (``lstm_backend``) is as fast and saves less (``benchmarks/bench_rl_step.py``)."""
+    with lstm_precision():
+        return torch.is_grad_enabled() and emb.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+class UnrolledLSTM:
+    """The decoder's ``nn.LSTM`` stepped by hand over teacher-forced inputs, with input feeding.
+
+    The same function as one ``nn.LSTM`` call per step (its weights, its dropout between layers),
+    computed so that a recorded graph trains faster on CPU: the embeddings' share of the first
+    layer's gates is one product over all steps, and each step is one product per layer with the
+    input and hidden weights side by side, made (and cast to the autocast type) once. oneDNN's LSTM
+    backward, called once per step, took twice as long, and ATen's LSTM casts each step's weights.
+    The cell state stays float32 under autocast.
+
+    Args:
+        lstm: the decoder, whose first layer's input is [embedding; fed-back h_tilde].
+        emb: |emb| = (batch_size, length, word_vec_size), the embedded decoder inputs.
+        h, c: |h| = |c| = (batch_size, n_layers, hidden_size), the initial state.
+    """
+
+    def __init__(self, lstm: nn.LSTM, emb: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        device = emb.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lstm.weight_hh_l0.dtype
+        self.dropout = lstm.dropout if lstm.training else 0.0
+        self.weights, self.biases = [], []
+        for layer in range(lstm.num_layers):
+            w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+            bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")  # |bias| = (4 * hidden,)
+            if layer == 0:  # the embeddings' columns, for all steps at once: |gates_in[t]| = (batch_size, 4 * hidden)
+                gates_in = torch.nn.functional.linear(emb.to(dtype), w_ih[:, :emb.size(2)].to(dtype), bias.to(dtype))
+                self.gates_in = gates_in.unbind(1)  # one gradient for all steps, not a (batch, length, 4 * hidden) each
+                w_ih, bias = w_ih[:, emb.size(2):], None
+            self.weights.append(torch.cat([w_ih, w_hh], dim=1).to(dtype).t())  # (fed + hidden, 4 * hidden)
+            self.biases.append(bias if bias is None else bias.to(dtype))
+        self.cell_dtype = torch.promote_types(dtype, torch.float32)  # the cell state's and gates' type
+        self.h, self.c = list(h.to(dtype).unbind(1)), list(c.to(self.cell_dtype).unbind(1))
+
+    def step(self, t: int, fed: torch.Tensor) -> torch.Tensor:
+        """Step ``t`` with the fed-back |fed| = (batch_size, hidden_size): the top layer's output, of the same size."""
+        x = fed
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            xh = torch.cat([x.to(weight.dtype), self.h[layer]], dim=1)  # |xh| = (batch_size, fed + hidden)
+            # |gates| = (batch_size, 4 * hidden), in nn.LSTM's order: input, forget, cell, output
+            gates = self.gates_in[t] + xh @ weight if bias is None else torch.addmm(bias, xh, weight)
+            i, f, g, o = gates.to(self.cell_dtype).chunk(4, dim=1)
+            self.c[layer] = torch.sigmoid(f) * self.c[layer] + torch.sigmoid(i) * torch.tanh(g)
+            self.h[layer] = x = (torch.sigmoid(o) * torch.tanh(self.c[layer])).to(weight.dtype)
+            if layer < len(self.weights) - 1 and self.dropout > 0:  # nn.LSTM's dropout between layers
+                x = torch.nn.functional.dropout(x, self.dropout)
+        return x
