@@ -34,7 +34,7 @@ def stepped_decoder() -> contextlib.AbstractContextManager:
     imported here, not at the top: a worker of the original toolkit imports a package of the same name."""
     import simple_nmt.models.seq2seq
 
-    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "unrolls", lambda emb: False)
+    return unittest.mock.patch.object(simple_nmt.models.seq2seq, "unrolls", lambda lstm, emb: False)
 
 
 def best_time(fn: Callable[[], object], repeat: int = 5, device: torch.device | None = None) -> float:

@@ -416,9 +416,9 @@ def test_seq2seq_unrolled_lstm_equals_one_nn_lstm_call_per_step(n_layers, monkey
     torch.manual_seed(n_layers)
     model = Seq2Seq(SRC_V, TGT_V, word_vec_size=6, hidden_size=8, n_layers=n_layers, dropout=0.1).double().eval()
     batch = teacher_forced_batch([5, 2, 7], [4, 6, 1], seed=3)
-    monkeypatch.setattr(seq2seq, "unrolls", lambda emb: True)
+    monkeypatch.setattr(seq2seq, "unrolls", lambda lstm, emb: True)
     unrolled, unrolled_grads = seq2seq_grads(model, batch)
-    monkeypatch.setattr(seq2seq, "unrolls", lambda emb: False)
+    monkeypatch.setattr(seq2seq, "unrolls", lambda lstm, emb: False)
     stepped, stepped_grads = seq2seq_grads(model, batch)
     torch.testing.assert_close(unrolled, stepped, rtol=1e-12, atol=1e-12)
     for name, grad in stepped_grads.items():
@@ -450,15 +450,19 @@ def test_seq2seq_unrolled_lstm_under_bf16_autocast_keeps_its_cell_in_float32(mon
 
 def test_seq2seq_steps_its_lstm_by_hand_where_it_trains_in_a_native_low_precision_on_cpu(monkeypatch):
     """UnrolledLSTM where a graph is recorded under CPU autocast in a type the CPU multiplies natively;
-    one nn.LSTM call per step without a graph, in float32, and where the CPU lacks the type."""
-    emb = torch.zeros(2, 3, 4)
+    the decoder's own module, once per step, without a graph, in float32, where the CPU lacks the type,
+    and for any decoder other than a plain nn.LSTM."""
+    emb, lstm = torch.zeros(2, 3, 4), torch.nn.LSTM(4 + 5, 5, batch_first=True)
     for native in (True, False):
         monkeypatch.setattr(precision, "cpu_has_native", lambda name, native=native: native)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert seq2seq.unrolls(emb) == native
+            assert seq2seq.unrolls(lstm, emb) == native
             with torch.no_grad():
-                assert not seq2seq.unrolls(emb)
-        assert not seq2seq.unrolls(emb)
+                assert not seq2seq.unrolls(lstm, emb)
+            # a research model's other recurrent decoder keeps its own module
+            assert not seq2seq.unrolls(torch.nn.GRU(4 + 5, 5, batch_first=True), emb)
+            assert not seq2seq.unrolls(torch.nn.LSTM(4 + 5, 5, batch_first=True, bias=False), emb)
+        assert not seq2seq.unrolls(lstm, emb)
 
 
 def test_seq2seq_unrolled_lstm_drops_out_between_layers_only():

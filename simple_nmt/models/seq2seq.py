@@ -110,7 +110,7 @@ class Seq2Seq(EncoderDecoder):
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         emb = self.dropout(self.tgt_emb(tgt_in))  # |emb| = (batch_size, length, word_vec_size)
         outputs = []
-        if unrolls(emb):
+        if unrolls(self.decoder, emb):
             with lstm_precision():
                 lstm = UnrolledLSTM(self.decoder, emb, state["h"], state["c"])
             for t in range(tgt_in.size(1)):
@@ -125,13 +125,15 @@ class Seq2Seq(EncoderDecoder):
         return torch.stack(outputs, dim=1)  # |h_tilde| = (batch_size, length, hidden_size)
 
 
-def unrolls(emb: torch.Tensor) -> bool:
-    """Whether teacher forcing steps the decoder's LSTM by hand (``UnrolledLSTM``): where it records a graph
-    on CPU under autocast in a type the CPU multiplies natively (``lstm_precision``). There it trains
-    faster than one ``nn.LSTM`` call per step and saves less; in float32, ATen's LSTM per step
-    (``lstm_backend``) is as fast and saves less (``benchmarks/bench_rl_step.py``)."""
+def unrolls(lstm: nn.Module, emb: torch.Tensor) -> bool:
+    """Whether teacher forcing steps the decoder ``lstm`` by hand (``UnrolledLSTM``): where it records a
+    graph on CPU under autocast in a type the CPU multiplies natively (``lstm_precision``), for a plain
+    ``nn.LSTM`` (biases, no projection). There it trains faster than one ``nn.LSTM`` call per step and
+    saves less; in float32 ATen's LSTM per step (``lstm_backend``) is as fast and saves less
+    (``benchmarks/bench_rl_step.py``)."""
+    plain = type(lstm) is nn.LSTM and lstm.bias and not lstm.proj_size and not lstm.bidirectional
     with lstm_precision():
-        return torch.is_grad_enabled() and emb.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        return plain and torch.is_grad_enabled() and emb.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
 class UnrolledLSTM:
