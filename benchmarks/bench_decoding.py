@@ -20,6 +20,12 @@ compilation falls in the warm-up run, outside the times).
 (checked out into a temporary worktree) in the same run, alternating with the current
 code, and adds the speed-up. Each measurement runs in a process of its own; times are
 medians of ``--repeat`` runs after a warm-up.
+
+``--glibc_tunables STR`` measures each row once more with the workers under
+``GLIBC_TUNABLES=STR`` (glibc's malloc settings, e.g.
+``glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2000000000``, under which
+freed memory is kept for the next allocation instead of being returned to the system and
+faulted in again), alternating with the default, and adds those times and ratios.
 """
 
 from __future__ import annotations
@@ -119,12 +125,14 @@ def worker(args: argparse.Namespace) -> dict:
     return {"seconds": median_time(decode), "matmul_seconds": median_time(products_alone), "gflop": gflop}
 
 
-def measure(args: argparse.Namespace, code: Path, model: str, method: str, precision: str) -> dict:
+def measure(args: argparse.Namespace, code: Path, model: str, method: str, precision: str,
+            tunables: str | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", "--code", str(code), "--model", model, "--method", method,
                "--precision", precision, "--device", args.device, "--length", str(args.length), "--batch_size",
                str(args.batch_size), "--n_samples", str(args.n_samples), "--repeat", str(args.repeat),
                "--threads", str(args.threads), *(["--compile"] if args.compile else [])]
-    return run_worker(command, f"{model}, {method}, {precision} ({code})")
+    env = None if tunables is None else {"GLIBC_TUNABLES": tunables}
+    return run_worker(command, f"{model}, {method}, {precision} ({code})", env)
 
 
 def main() -> None:
@@ -140,6 +148,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    p.add_argument("--glibc_tunables", default=None, help="also measure each row with GLIBC_TUNABLES set to this")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--code", default=str(PROJECT), help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -157,18 +166,28 @@ def main() -> None:
                "sources/s"]
     if args.before:
         headers += [f"seconds at {args.before}", "speed-up"]
+    if args.glibc_tunables:
+        headers += ["seconds, tunables", "decode / matmul, tunables", "speed-up, tunables"]
     rows = []
     with checkout(args.before) as before:
         for model in args.models.split(","):
             for method in args.methods.split(","):
                 for precision in args.precisions.split(","):
+                    with_tunables = partial(measure, args, PROJECT, model, method, precision, args.glibc_tunables)
+                    # with the tunables before the default in odd rows, after it in even ones
+                    kept = with_tunables() if args.glibc_tunables and len(rows) % 2 else None
                     now, old = now_and_before(partial(measure, args, model=model, method=method, precision=precision),
                                               before, before_first=len(rows) % 2 == 1)
+                    if args.glibc_tunables and kept is None:
+                        kept = with_tunables()
                     row = [model, method, precision, f"{now['gflop']:.1f}", f"{now['seconds']:.3f}",
                            f"{now['matmul_seconds']:.3f}", f"{now['seconds'] / now['matmul_seconds']:.2f}x",
                            f"{args.batch_size / now['seconds']:.1f}"]
                     if old is not None:
                         row += [f"{old['seconds']:.3f}", f"{old['seconds'] / now['seconds']:.2f}x"]
+                    if kept is not None:
+                        row += [f"{kept['seconds']:.3f}", f"{kept['seconds'] / kept['matmul_seconds']:.2f}x",
+                                f"{now['seconds'] / kept['seconds']:.2f}x"]
                     rows.append(row)
                     print(table(headers, [row]).splitlines()[-1], flush=True)
     print(f"\n# decoding on {args.device}: {machine(torch.device(args.device))}; "

@@ -219,9 +219,10 @@ def now_and_before(measure: Callable[[Path], dict], before: Path | None, before_
     return now, measure(before)
 
 
-def run_worker(command: list[str], what: str) -> dict:
-    """Run a benchmark's worker process; the JSON of its last output line, or exit naming ``what``."""
-    proc = subprocess.run(command, capture_output=True, text=True)
+def run_worker(command: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run a benchmark's worker process (with ``env`` added to the environment); the JSON of its last
+    output line, or exit naming ``what``."""
+    proc = subprocess.run(command, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
     if proc.returncode:
         sys.exit(f"{what}: {proc.stderr.strip().splitlines()[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
