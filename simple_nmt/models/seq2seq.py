@@ -109,28 +109,23 @@ class Seq2Seq(EncoderDecoder):
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         emb = self.dropout(self.tgt_emb(tgt_in))  # |emb| = (batch_size, length, word_vec_size)
+        lstm = UnrolledLSTM(self.decoder, emb, state["h"], state["c"]) if unrolls(self.decoder, emb) else None
         outputs = []
-        if unrolls(self.decoder, emb):
-            with lstm_precision():
-                lstm = UnrolledLSTM(self.decoder, emb, state["h"], state["c"])
-            for t in range(tgt_in.size(1)):
-                with lstm_precision():
-                    out = lstm.step(t, state["h_tilde"])
-                h_tilde, state = self._attend(out, state)
-                outputs.append(h_tilde)
-        else:
-            for t in range(tgt_in.size(1)):
+        for t in range(tgt_in.size(1)):
+            if lstm is None:
                 h_tilde, state = self._step(emb[:, t], state)
-                outputs.append(h_tilde)
+            else:
+                h_tilde, state = self._attend(lstm.step(t, state["h_tilde"]), state)
+            outputs.append(h_tilde)
         return torch.stack(outputs, dim=1)  # |h_tilde| = (batch_size, length, hidden_size)
 
 
 def unrolls(lstm: nn.Module, emb: torch.Tensor) -> bool:
     """Whether teacher forcing steps the decoder ``lstm`` by hand (``UnrolledLSTM``): where it records a
-    graph on CPU under autocast in a type the CPU multiplies natively (``lstm_precision``), for a plain
-    ``nn.LSTM`` (biases, no projection). There it trains faster than one ``nn.LSTM`` call per step and
-    saves less; in float32 ATen's LSTM per step (``lstm_backend``) is as fast and saves less
-    (``benchmarks/bench_rl_step.py``)."""
+    graph on CPU under autocast in a type the CPU multiplies natively (``lstm_precision`` leaves that
+    autocast on, so the hand-stepped LSTM runs under it as it is), for a plain ``nn.LSTM`` (biases, no
+    projection). There it trains faster than one ``nn.LSTM`` call per step and saves less; in float32
+    ATen's LSTM per step (``lstm_backend``) is as fast and saves less (``benchmarks/bench_rl_step.py``)."""
     plain = type(lstm) is nn.LSTM and lstm.bias and not lstm.proj_size and not lstm.bidirectional
     with lstm_precision():
         return plain and torch.is_grad_enabled() and emb.device.type == "cpu" and torch.is_autocast_enabled("cpu")
@@ -143,7 +138,7 @@ class UnrolledLSTM:
     computed so that a recorded graph trains faster on CPU: the embeddings' share of the first
     layer's gates is one product over all steps, and each step is one product per layer with the
     input and hidden weights side by side, made (and cast to the autocast type) once. oneDNN's LSTM
-    backward, called once per step, took twice as long, and ATen's LSTM casts each step's weights.
+    backward, called once per step, took about twice as long (``torch.profiler``, bf16, 64 rows).
     The cell state stays float32 under autocast.
 
     Args:
