@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     PROJECT,
     VOCAB,
     checkout,
+    in_turn,
     machine,
     now_and_before,
     recorded_products,
@@ -173,13 +174,14 @@ def main() -> None:
         for model in args.models.split(","):
             for method in args.methods.split(","):
                 for precision in args.precisions.split(","):
-                    with_tunables = partial(measure, args, PROJECT, model, method, precision, args.glibc_tunables)
-                    # with the tunables before the default in odd rows, after it in even ones
-                    kept = with_tunables() if args.glibc_tunables and len(rows) % 2 else None
-                    now, old = now_and_before(partial(measure, args, model=model, method=method, precision=precision),
-                                              before, before_first=len(rows) % 2 == 1)
-                    if args.glibc_tunables and kept is None:
-                        kept = with_tunables()
+                    odd = len(rows) % 2 == 1
+                    default = partial(now_and_before, partial(measure, args, model=model, method=method,
+                                                              precision=precision), before, odd)
+                    if args.glibc_tunables:  # with the tunables before the default in odd rows
+                        (now, old), kept = in_turn(default, partial(measure, args, PROJECT, model, method, precision,
+                                                                    args.glibc_tunables), odd)
+                    else:
+                        (now, old), kept = default(), None
                     row = [model, method, precision, f"{now['gflop']:.1f}", f"{now['seconds']:.3f}",
                            f"{now['matmul_seconds']:.3f}", f"{now['seconds'] / now['matmul_seconds']:.2f}x",
                            f"{args.batch_size / now['seconds']:.1f}"]

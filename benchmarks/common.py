@@ -14,6 +14,7 @@ import time
 import unittest.mock
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -205,18 +206,22 @@ def checkout(ref: str | None):
             subprocess.run(["git", "-C", str(PROJECT), "worktree", "remove", "--force", str(path)], check=True)
 
 
+def in_turn(first: Callable[[], Any], second: Callable[[], Any], second_first: bool) -> tuple[Any, Any]:
+    """``first()`` and ``second()``, ``second`` run first if ``second_first``: alternating which runs first
+    from one measurement to the next keeps a drift of the machine out of the ratios."""
+    if second_first:
+        other = second()
+        return first(), other
+    return first(), second()
+
+
 def now_and_before(measure: Callable[[Path], dict], before: Path | None, before_first: bool
                    ) -> tuple[dict, dict | None]:
     """``measure`` of the current code (``PROJECT``) and, given a checkout ``before``, of that code too
-    (None without), ``before`` measured first if ``before_first``: alternating which runs first from
-    one measurement to the next keeps a drift of the machine out of the ratios."""
+    (None without), ``before`` measured first if ``before_first`` (``in_turn``)."""
     if before is None:
         return measure(PROJECT), None
-    if before_first:
-        old = measure(before)
-        return measure(PROJECT), old
-    now = measure(PROJECT)
-    return now, measure(before)
+    return in_turn(lambda: measure(PROJECT), lambda: measure(before), before_first)
 
 
 def run_worker(command: list[str], what: str, env: dict[str, str] | None = None) -> dict:
