@@ -17,7 +17,7 @@ from simple_nmt.config import Config
 from simple_nmt.data import LIBRARY_IDS, SpecialIds, TextField, pad_batch
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.rewards import Reward, as_reward
-from simple_nmt.search import output_ids, select_state, special_ids
+from simple_nmt.search import exp, logsumexp, output_ids, select_state, special_ids
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, check_log_probs
 
 
@@ -38,7 +38,7 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # |logits| = (n, t, vocab_size), |ids| = (n, t); half-precision logits are summed in float32
-        log_z = logits.to(wide(logits.dtype)).logsumexp(dim=-1)  # |log_z| = (n, t)
+        log_z = logsumexp(logits.to(wide(logits.dtype)))  # |log_z| = (n, t)
         ctx.save_for_backward(logits, ids, log_z)
         return logits.gather(2, ids[:, :, None]).squeeze(2).to(log_z.dtype) - log_z
 
@@ -54,7 +54,7 @@ def _log_prob_grad(logits: torch.Tensor, log_z: torch.Tensor, ids: torch.Tensor,
 
     |logits| = (..., vocab_size); |log_z|, |ids|, |grad| = (...). d log p(y) / d logits = onehot(y) - softmax(logits).
     """
-    grad_logits = (logits - log_z[..., None]).exp_().mul_(-grad[..., None])
+    grad_logits = exp(logits - log_z[..., None], in_place=True).mul_(-grad[..., None])
     return grad_logits.scatter_add_(-1, ids[..., None], grad[..., None])
 
 
@@ -102,7 +102,7 @@ class _ProjectedLogProbs(torch.autograd.Function):
         log_z, chosen = [], []
         for start in range(0, flat.size(0), chunk):
             logits = _project(flat[start:start + chunk], w, b)  # |logits| = (chunk, vocab_size), float32
-            log_z.append(logits.logsumexp(dim=-1))
+            log_z.append(logsumexp(logits))
             chosen.append(logits.gather(1, flat_ids[start:start + chunk, None]).squeeze(1))
         log_z_flat = torch.cat(log_z) if log_z else flat.new_zeros(0, dtype=wide(dtype))  # |log_z_flat| = (n * t,)
         ctx.save_for_backward(features, weight, bias, ids, log_z_flat)

@@ -110,6 +110,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+LOG2E = math.log2(math.e)
+
+
+def exp(x: torch.Tensor, scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
+    """exp(scale * x), written into ``x`` if ``in_place``, computed as 2 ** (x * scale * log2(e)): on CPU
+    torch's exp2 takes about half of exp's time (its vectorised exp is the more exact one), for a relative
+    error below 1e-6 in float32."""
+    scaled = x.mul_(scale * LOG2E) if in_place else x * (scale * LOG2E)
+    return scaled.exp2_()
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """``x.logsumexp(dim=-1)`` through ``exp``: about twice as fast on CPU (a row of -inf gives -inf)."""
+    top = x.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(top.isinf(), 0.0)
+    return exp(x - top, in_place=True).sum(dim=-1).log_().add_(top.squeeze(-1))
+
+
 def as_blocks(x: torch.Tensor, block: int, fill: float) -> torch.Tensor:
     """|x| = (n, size) as (n, ceil(size / block), block), the last block padded with ``fill``."""
     if x.size(1) % block:
@@ -204,7 +222,7 @@ def _sample(log_probs: torch.Tensor, ids: SpecialIds, temperature: float, top_k:
     unfiltered = top_k == 0 and top_p == 1.0
     if unfiltered and temperature >= math.log(2 * log_probs.size(1)) / 80:
         if float(log_probs[:, specials].exp().sum(dim=1).max()) <= 0.5:
-            weights = log_probs.exp() if temperature == 1.0 else (log_probs * (1.0 / temperature)).exp_()
+            weights = exp(log_probs, 1.0 / temperature)
             weights[:, specials] = 0.0
             return draw(weights)
     allowed = _forbid_specials(log_probs, ids)
@@ -332,14 +350,19 @@ def beam_search(
         n, vocab_size = len(active), step_log_probs.size(-1)
         rows = (active[:, None] * k + beams).view(-1)  # the decoded hypotheses' rows of seqs: (n * k,)
         ended, decoded_scores = finished[rows], scores[active].view(-1)  # |decoded_scores| = (n * k,)
-        candidates = decoded_scores[:, None] + step_log_probs.float()  # a tensor of its own: changed in place
-        candidates[:, never_emitted(specials)] = float("-inf")
+        # a source's k best continuations are among the k best tokens of each of its hypotheses: those, and
+        # as many more as there are tokens never emitted (set aside here), are the candidates, so that no
+        # pass over the (rows, vocabulary) log-probs adds the scores: |tokens| = (n * k, width)
+        width = min(k + len(never_emitted(specials)), vocab_size)
+        token_log_probs, tokens = block_topk(step_log_probs.float(), width)  # a tensor of its own: changed in place
+        token_log_probs[torch.isin(tokens, tokens.new_tensor(never_emitted(specials)))] = float("-inf")
         # a finished hypothesis is extended by PAD at no cost, and by nothing else
-        candidates[ended] = float("-inf")
-        candidates[ended, specials.pad] = decoded_scores[ended]
-        top, best = block_topk(candidates.view(n, k * vocab_size), k)  # |top| = |best| = (n, k)
-        kept = (torch.arange(n, device=device)[:, None] * k + best // vocab_size).view(-1)  # rows of the state
-        y = (best % vocab_size).view(-1)
+        token_log_probs[ended] = float("-inf")
+        token_log_probs[ended, 0], tokens[ended, 0] = 0.0, specials.pad
+        candidates = (decoded_scores[:, None] + token_log_probs).view(n, k * width)
+        top, best = candidates.topk(k, dim=-1)  # |top| = |best| = (n, k)
+        kept = (torch.arange(n, device=device)[:, None] * k + best // width).view(-1)  # rows of the state
+        y = tokens.view(n, k * width).gather(1, best).view(-1)
         state = reorder(model, state, kept, within_sources=True)
         scores[active] = top
         # the sources no longer decoded keep their hypotheses, each extended by PAD at no cost

@@ -22,8 +22,10 @@ from simple_nmt.search import (
     block_argmax,
     block_topk,
     draw,
+    exp,
     filter_logits,
     length_penalty,
+    logsumexp,
     repeat_state,
     select_state,
 )
@@ -265,6 +267,48 @@ def test_beam_search_flip_table(beam_size, alpha, n_best, expected):
     assert scores[0].tolist() == sorted(scores[0].tolist(), reverse=True)  # best first
 
 
+def random_dist(src: tuple[int, ...], prefix: tuple[int, ...]) -> Dist:
+    """A distribution of its own for each (source, prefix), PAD and BOS often the most likely tokens."""
+    g = torch.Generator().manual_seed(hash((src, prefix)) % 2**31)
+    probs = torch.rand(V, generator=g, dtype=torch.float64) ** 3 + 0.01
+    probs[[PAD, BOS]] *= 4
+    return dict(enumerate((probs / probs.sum()).tolist()))
+
+
+def reference_beam(model: Scripted, src: tuple[int, ...], k: int, max_length: int) -> list[tuple[list[int], float]]:
+    """Beam search written plainly: every hypothesis extended by every token but PAD and BOS (a finished one
+    by PAD at no cost), the k best kept; the k final hypotheses (without EOS) and their log-probs, best first."""
+    beams = [([], 0.0, False)]
+    for _ in range(max_length):
+        candidates = []
+        for tokens, score, ended in beams:
+            if ended:
+                candidates.append((tokens, score, True))
+                continue
+            row = model.log_prob_row(src, tuple(tokens))
+            candidates += [(tokens + [w], score + row[w], w == EOS) for w in range(V) if w not in (PAD, BOS)]
+        beams = sorted(candidates, key=lambda c: -c[1])[:k]
+        if all(ended for _, _, ended in beams):
+            break
+    return [(strip(tokens), score) for tokens, score, _ in beams]
+
+
+@pytest.mark.parametrize("beam_size", [2, 3, 5])
+def test_beam_search_equals_plain_beam_search_on_random_distributions(beam_size):
+    """The batched search, which ranks only each hypothesis's best tokens, against ``reference_beam`` over
+    every token; five of the seven tokens can be emitted, so that beam 5 takes all of them at the first step."""
+    model = Scripted(random_dist)
+    src = torch.tensor([[A, B, PAD], [C, PAD, PAD], [B, B, A], [A, PAD, PAD]])
+    src_lengths = (src != PAD).sum(1)
+    hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=beam_size, n_best=beam_size,
+                                           max_length=6, length_penalty=0.0)
+    for i, row in enumerate(src.tolist()):
+        expected = reference_beam(model, tuple(t for t in row if t != PAD), beam_size, max_length=6)
+        assert hyps[i] == [h for h, _ in expected]
+        assert scores[i].tolist() == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert len({len(h) for per in hyps for h in per}) > 1
+
+
 def test_beam_search_flip_table_penalty_changes_winner():
     model = table_model(FLIP, FLIP_DEFAULT)
     src, src_lengths = src_batch([2])
@@ -447,6 +491,21 @@ def test_draw_matches_the_distribution_and_never_draws_a_zero_weight(vocab_size)
     # one-hot rows, anywhere in the vocabulary, give their token every time
     one_hot = torch.eye(vocab_size, dtype=torch.float32)[torch.arange(vocab_size).flip(0)]
     assert draw(one_hot, block=16).tolist() == list(range(vocab_size))[::-1]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_exp_and_logsumexp_equal_torchs(dtype, rtol):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 1000, generator=g, dtype=torch.float64) * 8).to(dtype)
+    x[1] = float("-inf")  # a row without any weight
+    x[2, :10] = float("-inf")
+    x[3, 5] = float("inf")
+    torch.testing.assert_close(exp(x[4:], 0.5), (x[4:] * 0.5).exp(), rtol=rtol, atol=0)
+    assert exp(x[1]).eq(0).all() and exp(x[3]).isinf().any()
+    torch.testing.assert_close(logsumexp(x), x.logsumexp(dim=-1), rtol=rtol, atol=0)
+    y = x.clone()
+    assert exp(y, in_place=True) is y
+    torch.testing.assert_close(y[4:], x[4:].exp(), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("size", [1, 7, 64, 65, 300])
