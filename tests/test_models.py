@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 from simple_nmt import precision
 from simple_nmt.data import BOS, EOS, PAD
 from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model, seq2seq
-from simple_nmt.models.transformer import attend_few
+from simple_nmt.models.transformer import attend_few, cache_room
 from simple_nmt.search import repeat_state
 
 SRC_V, TGT_V = 19, 15
@@ -230,6 +230,20 @@ def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice(
         compact = dict(state, self_kv=[(k.contiguous(), v.contiguous()) for k, v in state["self_kv"]])
         for (k, v), (k0, v0) in zip(model.reorder_state(compact, index)["self_kv"], state["self_kv"]):
             assert torch.equal(k, k0[index]) and torch.equal(v, v0[index])
+    # a reordered cache has room for the next step, which writes it in place (beam search reorders at every
+    # step), and the step after that makes a buffer with room again
+    with torch.no_grad():
+        reordered = model.reorder_state(state, torch.tensor([1, 0]))
+        k = reordered["self_kv"][0][0]
+        assert cache_room(k) == k.size(2) + 1
+        step, after = model.decode_step(torch.full((2,), 7), reordered)
+        assert after["self_kv"][0][0].untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        step2, after2 = model.decode_step(torch.full((2,), 8), after)
+        assert cache_room(after2["self_kv"][0][0]) > after2["self_kv"][0][0].size(2)
+        swapped = torch.cat([tgt.flip(0), torch.full((2, 1), 7), torch.full((2, 1), 8)], dim=1)
+        full = model(src.flip(0), src_lengths.flip(0), swapped)
+        close(step, full[:, -2])
+        close(step2, full[:, -1])
     # with gradients, the cache is copied, not written in place: backward through the steps works
     state = model.encode(src, src_lengths)
     total = 0

@@ -94,13 +94,14 @@ def cache_room(cache: torch.Tensor) -> int:
 
 
 def select_with_room(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The batch rows ``index`` of a cache, copied into a buffer with the room of its own, so that a step
-    after a reordering (beam search) still appends in place. Only the t cached positions are copied."""
+    """The batch rows ``index`` of a cache, copied into a buffer with room for one more position, so that
+    the step after a reordering appends in place. Beam search reorders at every step: each position of
+    room more would be copied (and allocated) at every step, for every row and layer."""
     if cache.requires_grad and torch.is_grad_enabled():  # autograd copies the cache at each step anyway
         return take_rows(cache, index)
     n, heads, t, size = cache.shape
-    buffer = cache.new_empty(len(index), heads, cache_room(cache), size)
-    buffer[:, :, t:] = 0  # room of zeros: attend_few reads it
+    buffer = cache.new_empty(len(index), heads, t + 1, size)
+    buffer[:, :, t:] = 0  # room of zeros, as append_to_cache makes it
     return torch.index_select(cache, 0, index, out=buffer[:, :, :t])
 
 
@@ -275,7 +276,7 @@ class Transformer(EncoderDecoder):
         }
 
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False) -> dict[str, Any]:
-        """As ``EncoderDecoder.reorder_state``; the self-attention cache keeps its room (``select_with_room``)."""
+        """As ``EncoderDecoder.reorder_state``; the cache gets room for the next step (``select_with_room``)."""
         rest = super().reorder_state({k: v for k, v in state.items() if k != "self_kv"}, index, within_sources)
         cache = [(select_with_room(k, index), select_with_room(v, index)) for k, v in state["self_kv"]]
         return dict(rest, self_kv=cache, self_kv_marks=[([0], 0) for _ in cache])
