@@ -24,6 +24,7 @@ from simple_nmt.search import (
     draw,
     exp,
     filter_logits,
+    float_log_softmax,
     length_penalty,
     logsumexp,
     repeat_state,
@@ -506,6 +507,24 @@ def test_exp_and_logsumexp_equal_torchs(dtype, rtol):
     y = x.clone()
     assert exp(y, in_place=True) is y
     torch.testing.assert_close(y[4:], x[4:].exp(), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_equal_log_softmax_and_leave_the_logits(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(50, 3000, generator=g) * 5).to(dtype)
+    expected = logits.float().log_softmax(dim=-1)
+    before = logits.clone()
+    out = float_log_softmax(logits)
+    assert torch.equal(out, expected) and torch.equal(logits, before)  # the logits are left as they are
+    if dtype == torch.bfloat16:  # written into their float32 copy: rows read before they are written
+        copy = logits.float()
+        assert torch.equal(torch.log_softmax(copy, dim=-1, out=copy), expected)
+    # with a graph, a new tensor, which backward goes through
+    leaf = torch.randn(4, 30, generator=g, requires_grad=True)
+    out = float_log_softmax(leaf * 2)
+    out[:, 3].sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.func.grad(lambda x: (x * 2).log_softmax(-1)[:, 3].sum())(leaf.detach()))
 
 
 @pytest.mark.parametrize("size", [1, 7, 64, 65, 300])

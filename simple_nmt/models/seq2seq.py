@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.precision import lstm_backend, lstm_precision
+from simple_nmt.search import float_log_softmax
 
 
 class Seq2Seq(EncoderDecoder):
@@ -105,7 +106,7 @@ class Seq2Seq(EncoderDecoder):
 
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         h_tilde, state = self._step(self.dropout(self.tgt_emb(y_prev)), state)
-        return self.generator(h_tilde).float().log_softmax(dim=-1), state
+        return float_log_softmax(self.generator(h_tilde)), state
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         emb = self.dropout(self.tgt_emb(tgt_in))  # |emb| = (batch_size, length, word_vec_size)

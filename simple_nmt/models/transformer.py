@@ -11,7 +11,7 @@ from torch import nn
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import take_rows
+from simple_nmt.search import float_log_softmax, take_rows
 
 
 def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -304,7 +304,7 @@ class Transformer(EncoderDecoder):
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = self._embed(self.tgt_emb, y_prev[:, None], start=state["step"])  # (batch_size, 1, hidden_size)
         h, cache = self._run_decoder(x, state, causal=False)
-        log_probs = self.generator(h.squeeze(1)).float().log_softmax(dim=-1)
+        log_probs = float_log_softmax(self.generator(h.squeeze(1)))
         return log_probs, dict(state, **cache, step=state["step"] + 1)
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
