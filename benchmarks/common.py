@@ -171,12 +171,14 @@ def replay_products(products: list[tuple[int, torch.Tensor, bool]], device: torc
     """A function that runs the recorded products alone, at the same shapes (under autocast to ``dtype``
     if given), and their GFLOP. A product autograd recorded is replayed with its two backward products
     (the input's gradient and the weight's), so that the replay is the limit of a forward and backward
-    that computes no less."""
+    that computes no less. The weights are the model's parameters themselves, so that autocast casts each
+    of them once per replay, as it does once per forward pass or decoding (its cache keeps the casts of
+    parameters), not once per product."""
     work = []
     for rows, w, with_grad in products:
         x = torch.randn(rows, w.size(1), device=device)  # |x| = (rows, in_features)
         g = torch.randn(rows, w.size(0), device=device) if with_grad else None  # |g| = (rows, out_features)
-        work.append((x, w.detach(), g))
+        work.append((x, w, g))
 
     def replay() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
