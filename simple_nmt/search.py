@@ -358,6 +358,7 @@ def beam_search(
     y = torch.full((batch_size * k,), specials.bos, dtype=torch.long, device=device)
     active = torch.arange(batch_size, device=device)  # the sources the state still decodes, in its order
     beams = torch.arange(k, device=device)
+    never = torch.tensor(never_emitted(specials), device=device)  # the tokens no hypothesis is extended by
     for t in range(int(limits.max())):
         step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(active) * k, vocab_size)
         n, vocab_size = len(active), step_log_probs.size(-1)
@@ -366,9 +367,9 @@ def beam_search(
         # a source's k best continuations are among the k best tokens of each of its hypotheses: those, and
         # as many more as there are tokens never emitted (set aside here), are the candidates, so that no
         # pass over the (rows, vocabulary) log-probs adds the scores: |tokens| = (n * k, width)
-        width = min(k + len(never_emitted(specials)), vocab_size)
+        width = min(k + len(never), vocab_size)
         token_log_probs, tokens = block_topk(step_log_probs.float(), width)  # a tensor of its own: changed in place
-        token_log_probs[torch.isin(tokens, tokens.new_tensor(never_emitted(specials)))] = float("-inf")
+        token_log_probs[torch.isin(tokens, never)] = float("-inf")
         # a finished hypothesis is extended by PAD at no cost, and by nothing else
         token_log_probs[ended] = float("-inf")
         token_log_probs[ended, 0], tokens[ended, 0] = 0.0, specials.pad
