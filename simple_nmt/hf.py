@@ -28,7 +28,7 @@ import torch
 
 from simple_nmt.data import SpecialIds, collate, content_ids
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import select_state, take_rows
+from simple_nmt.search import float_log_softmax, select_state, take_rows
 
 
 class HuggingFaceError(ValueError):
@@ -212,7 +212,8 @@ class HuggingFaceModel(EncoderDecoder):
         return {"encoder_hidden": hidden, "attention_mask": mask, "cache": None}
 
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """|y_prev| = (batch_size,) -> log-probs (batch_size, vocab_size), the state one token further."""
+        """|y_prev| = (batch_size,) -> float32 log-probs (batch_size, vocab_size), the state one token further
+        (under CPU autocast the model's logits are bf16 / fp16, and ``log_softmax`` would keep that type)."""
         from transformers import DynamicCache, EncoderDecoderCache
 
         cache = state["cache"]
@@ -221,7 +222,7 @@ class HuggingFaceModel(EncoderDecoder):
         else:
             cache, tgt_in = _copied_cache(cache), y_prev[:, None]
         out = self._decoder(tgt_in, state, cache)
-        return out.logits[:, -1].log_softmax(dim=-1), {**state, "cache": out.cache}
+        return float_log_softmax(out.logits[:, -1]), {**state, "cache": out.cache}
 
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False
                       ) -> dict[str, Any]:

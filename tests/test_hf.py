@@ -376,3 +376,21 @@ def test_hf_command_line_errors_are_one_line(hf_run, args, message):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr
     assert not (root / "err").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_step_under_cpu_autocast_gives_float32_log_probs_of_its_logits(kind):
+    """Under CPU bf16 autocast a step's log-probs are the float32 log-softmax of the model's logits, as the
+    library's models give them. T5's logits stay bf16 there (no bias, no cast in transformers), and a bf16
+    log-softmax would round every log-prob to 8 bits."""
+    model = adapter(kind)
+    src, lengths = sources(model)
+    bos = torch.full((len(src), 1), model.special_ids.bos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        log_probs, _ = model.decode_step(bos[:, 0], model.encode(src, lengths))
+        logits = model.hf(input_ids=src, attention_mask=attention_mask(src, lengths),
+                          decoder_input_ids=torch.cat([model.prefix.expand(len(src), -1), bos], dim=1)).logits[:, -1]
+    assert log_probs.dtype == torch.float32
+    torch.testing.assert_close(log_probs, logits.float().log_softmax(-1))
+    if kind == "t5":
+        assert logits.dtype == torch.bfloat16
