@@ -45,6 +45,12 @@ def lstm_precision() -> AbstractContextManager:
     return nullcontext()
 
 
+def compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The type a matrix product on ``device_type`` computes in here: the autocast type where autocast is
+    on, else ``default`` (its operands' type)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 @contextmanager
 def onednn_off() -> Iterator[None]:
     """ATen's CPU kernels instead of oneDNN's inside; oneDNN on again after."""

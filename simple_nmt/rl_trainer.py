@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from simple_nmt.config import Config
 from simple_nmt.data import LIBRARY_IDS, SpecialIds, TextField, pad_batch
 from simple_nmt.models.base import EncoderDecoder
+from simple_nmt.precision import compute_dtype
 from simple_nmt.rewards import Reward, as_reward
 from simple_nmt.search import exp, logsumexp, output_ids, select_state, special_ids
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, check_log_probs
@@ -80,11 +81,6 @@ def wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The type a linear layer on ``x`` computes in here: the autocast type where autocast is on."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
 class _ProjectedLogProbs(torch.autograd.Function):
     """log_softmax(features @ weight.T + bias).gather(ids), the logits made ``chunk`` positions at a time.
 
@@ -96,7 +92,7 @@ class _ProjectedLogProbs(torch.autograd.Function):
     def forward(ctx, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 ids: torch.Tensor, chunk: int) -> torch.Tensor:
         # |features| = (n, t, hidden_size), |weight| = (vocab_size, hidden_size), |ids| = (n, t)
-        dtype = _autocast_dtype(features)
+        dtype = compute_dtype(features.device.type, features.dtype)
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         flat, flat_ids = features.reshape(-1, features.size(-1)), ids.reshape(-1)
         log_z, chosen = [], []

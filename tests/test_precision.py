@@ -12,7 +12,7 @@ from test_trainer import tiny_setup
 from simple_nmt import cli, precision
 from simple_nmt.config import Config, TranslateOptions, config_from_checkpoint
 from simple_nmt.data import collate
-from simple_nmt.precision import PrecisionWarning, lstm_precision, resolve_precision
+from simple_nmt.precision import PrecisionWarning, compute_dtype, lstm_precision, resolve_precision
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, build_optimizer, token_losses
 
@@ -84,6 +84,15 @@ def test_the_fp32_step_is_bit_for_bit_the_plain_float32_step(kind, name):
         plain.zero_grad(set_to_none=True)
     for (name_, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name_
+
+
+def test_compute_dtype_is_the_autocast_type_of_its_device_only_where_autocast_is_on():
+    assert compute_dtype("cpu", torch.float64) == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype("cpu", torch.float32) == torch.bfloat16
+        assert compute_dtype("cuda", torch.float32) == torch.float32  # CUDA's autocast is off
+    with torch.autocast("cpu", enabled=False):
+        assert compute_dtype("cpu", torch.float32) == torch.float32
 
 
 def test_auto_is_fp32_on_cpu_and_off_autocast_is_fp32():

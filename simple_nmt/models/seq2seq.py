@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.precision import lstm_backend, lstm_precision
+from simple_nmt.precision import compute_dtype, lstm_backend, lstm_precision
 from simple_nmt.search import float_log_softmax
 
 
@@ -149,8 +149,7 @@ class UnrolledLSTM:
     """
 
     def __init__(self, lstm: nn.LSTM, emb: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        device = emb.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lstm.weight_hh_l0.dtype
+        dtype = compute_dtype(emb.device.type, lstm.weight_hh_l0.dtype)
         self.dropout = lstm.dropout if lstm.training else 0.0
         self.weights, self.biases = [], []
         for layer in range(lstm.num_layers):
