@@ -1,9 +1,9 @@
 """Hugging Face encoder-decoders (Marian, T5, mBART, NLLB, ...) behind the library's model interface.
 
 ``HuggingFaceModel`` presents an ``AutoModelForSeq2SeqLM`` as an ``EncoderDecoder``: ``encode``,
-``decode_step`` with the model's own key/value cache, ``decode`` for teacher forcing and the batch
-reordering of beam search and K samples. ``simple_nmt.search``, the MLE engine and the RL engine
-then run on it unchanged.
+``decode_logits`` (and so ``decode_step``) with the model's own key/value cache, ``decode`` for
+teacher forcing and the batch reordering of beam search and K samples. ``simple_nmt.search``, the
+MLE engine and the RL engine then run on it unchanged.
 
 The model's ids are used as they are. The adapter declares them as ``special_ids`` (Marian: EOS 0,
 PAD last and decoding from PAD; T5: PAD 0, EOS 1, decoding from PAD), which collate, the searches,
@@ -28,7 +28,7 @@ import torch
 
 from simple_nmt.data import SpecialIds, collate, content_ids
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import float_log_softmax, select_state, take_rows
+from simple_nmt.search import select_state, take_rows
 
 
 class HuggingFaceError(ValueError):
@@ -211,9 +211,9 @@ class HuggingFaceModel(EncoderDecoder):
         hidden = self.hf.get_encoder()(input_ids=src, attention_mask=mask).last_hidden_state
         return {"encoder_hidden": hidden, "attention_mask": mask, "cache": None}
 
-    def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """|y_prev| = (batch_size,) -> float32 log-probs (batch_size, vocab_size), the state one token further
-        (under CPU autocast the model's logits are bf16 / fp16, and ``log_softmax`` would keep that type)."""
+    def decode_logits(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """|y_prev| = (batch_size,) -> logits (batch_size, vocab_size), the state one token further (``decode_step``
+        makes them float32 log-probs: under CPU autocast T5's are bf16)."""
         from transformers import DynamicCache, EncoderDecoderCache
 
         cache = state["cache"]
@@ -222,7 +222,7 @@ class HuggingFaceModel(EncoderDecoder):
         else:
             cache, tgt_in = _copied_cache(cache), y_prev[:, None]
         out = self._decoder(tgt_in, state, cache)
-        return float_log_softmax(out.logits[:, -1]), {**state, "cache": out.cache}
+        return out.logits[:, -1], {**state, "cache": out.cache}
 
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor, within_sources: bool = False
                       ) -> dict[str, Any]:

@@ -4,7 +4,9 @@ A model offers ``encode(src, src_lengths) -> state`` and
 ``decode_step(y_prev, state) -> (log_probs, state)``, where ``state`` is a
 (nested) dict / list of tensors whose first dimension is the batch. That is
 all the functions here need: they repeat and reorder the state along the
-batch for K samples and for beams.
+batch for K samples and for beams. Greedy decoding and sampling take the
+model's ``decode_scores`` where it has one (an ``EncoderDecoder``'s logits):
+they need the log-probs of the tokens they pick only.
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ def reorder(model: torch.nn.Module, state: State, index: torch.Tensor, within_so
     return select_state(state, index) if reorder_state is None else reorder_state(state, index, within_sources)
 
 
+def decode_scores(model: torch.nn.Module, y_prev: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """One step's scores over the vocabulary, logits or log-probs: the model's ``decode_scores`` where it has one
+    (every ``EncoderDecoder``), else its ``decode_step``."""
+    step = getattr(model, "decode_scores", None)
+    return (model.decode_step if step is None else step)(y_prev, state)
+
+
 def special_ids(model: torch.nn.Module) -> SpecialIds:
     """The special ids of ``model``'s target vocabulary: its ``special_ids`` where it declares them (a Hugging
     Face model's adapter), else the library's 0..3; through ``DistributedDataParallel`` and ``torch.compile``."""
@@ -121,11 +130,12 @@ def exp(x: torch.Tensor, scale: float = 1.0, in_place: bool = False) -> torch.Te
     return scaled.exp2_()
 
 
-def logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """``x.logsumexp(dim=-1)`` through ``exp``: about twice as fast on CPU (a row of -inf gives -inf)."""
+def logsumexp(x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``x.logsumexp(dim=-1)`` through ``exp``: about twice as fast on CPU (a row of -inf gives -inf).
+    ``in_place``: computed in ``x``'s memory, which it overwrites."""
     top = x.amax(dim=-1, keepdim=True)
     top = top.masked_fill(top.isinf(), 0.0)
-    return exp(x - top, in_place=True).sum(dim=-1).log_().add_(top.squeeze(-1))
+    return exp(x.sub_(top) if in_place else x - top, in_place=True).sum(dim=-1).log_().add_(top.squeeze(-1))
 
 
 def float_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -188,10 +198,16 @@ def draw(weights: torch.Tensor, block: int = 64) -> torch.Tensor:
     Returns:
         |ids| = (batch_size,), never a token of weight 0.
     """
-    n = weights.size(0)
     blocks = as_blocks(weights, block, 0.0)  # |blocks| = (batch_size, n_blocks, block); zeros are never drawn
-    cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # |cdf| = (batch_size, n_blocks)
-    u = torch.rand(n, 1, device=weights.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return draw_from_blocks(blocks, blocks.sum(dim=-1))
+
+
+def draw_from_blocks(blocks: torch.Tensor, block_sums: torch.Tensor) -> torch.Tensor:
+    """``draw`` of weights given as |blocks| = (batch_size, n_blocks, block) and their |block_sums| =
+    (batch_size, n_blocks): ids (batch_size,)."""
+    n, block = blocks.size(0), blocks.size(2)
+    cdf = block_sums.cumsum(dim=-1)  # |cdf| = (batch_size, n_blocks)
+    u = torch.rand(n, 1, device=blocks.device, dtype=cdf.dtype) * cdf[:, -1:]
     # the first block whose cumulative weight exceeds u (u kept below the total, also after rounding)
     b = torch.searchsorted(cdf, below(u, cdf[:, -1:]), right=True)  # |b| = (batch_size, 1)
     rest = u - cdf.gather(1, (b - 1).clamp(min=0)).masked_fill(b == 0, 0.0)  # u within that block, >= 0
@@ -206,8 +222,8 @@ def below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 
 def never_emitted(ids: SpecialIds) -> list[int]:
-    """The ids a decoder never emits: PAD and BOS."""
-    return [ids.pad, ids.bos]
+    """The ids a decoder never emits: PAD and BOS (one id where they are one, as in Marian and T5)."""
+    return list(dict.fromkeys([ids.pad, ids.bos]))
 
 
 def _forbid_specials(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
@@ -217,31 +233,53 @@ def _forbid_specials(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     return log_probs
 
 
-def _greedy(log_probs: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
-    """The best token of each row other than PAD and BOS: |log_probs| = (n, vocab_size) -> (n,)."""
+def float_copy(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """|scores| = (n, vocab_size) copied as float32 into ``out`` (the same shape) or a new tensor."""
+    return (torch.empty(scores.shape, dtype=torch.float32, device=scores.device) if out is None else out).copy_(scores)
+
+
+def picked(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The scores of the tokens |y| = (n,) in |scores| = (n, vocab_size), as float32."""
+    return scores.gather(1, y[:, None]).squeeze(1).float()
+
+
+def _greedy(scores: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best token of each row other than PAD and BOS, and its log-prob: |scores| = (n, vocab_size) logits
+    (or log-probs) -> (n,), (n,)."""
+    log_probs = float_log_softmax(scores)
     y = block_argmax(log_probs)
     special = (y == ids.pad) | (y == ids.bos)
     if special.any():  # rare in a trained model: only these rows are searched again without them
         y[special] = block_argmax(_forbid_specials(log_probs[special], ids))
-    return y
+    return y, log_probs.gather(1, y[:, None]).squeeze(1)
 
 
-def _sample(log_probs: torch.Tensor, ids: SpecialIds, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """One token per row, PAD and BOS never: |log_probs| = (n, vocab_size) -> (n,)."""
-    log_probs, specials = log_probs.float(), never_emitted(ids)
-    # exp(log_probs / temperature), unnormalised, is what draw needs, in one pass over the vocabulary. It
-    # cannot underflow to 0 when PAD and BOS hold at most half the mass: the best other token's log-prob
-    # is then at least -log(2 * vocab_size), and exp(-80) is a normal float32
-    unfiltered = top_k == 0 and top_p == 1.0
-    if unfiltered and temperature >= math.log(2 * log_probs.size(1)) / 80:
-        if float(log_probs[:, specials].exp().sum(dim=1).max()) <= 0.5:
-            weights = exp(log_probs, 1.0 / temperature)
-            weights[:, specials] = 0.0
-            return draw(weights)
-    allowed = _forbid_specials(log_probs, ids)
+def _sample(scores: torch.Tensor, ids: SpecialIds, temperature: float, top_k: int, top_p: float,
+            work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row, PAD and BOS never, and its log-prob (at temperature 1): |scores| = (n, vocab_size)
+    logits (or log-probs) -> (n,), (n,). ``work``: a float32 tensor of the scores' shape to use (overwritten)."""
+    if top_k == 0 and top_p == 1.0:
+        # exp((logits - max) / temperature) is what draw needs, in one pass, and at temperature 1 its sum
+        # is the log-normaliser's. The best token other than PAD and BOS cannot underflow to 0 when those
+        # hold at most half of it: its weight is then at least 1 / (2 * vocab_size) of the best's, 1
+        logits, specials = float_copy(scores, work), never_emitted(ids)
+        top = logits.amax(dim=-1, keepdim=True)  # |top| = (n, 1)
+        weights = exp(logits.sub_(top), 1.0 / temperature, in_place=True)  # the logits' tensor
+        special_mass = weights[:, specials].sum(dim=1)  # |special_mass| = (n,)
+        weights[:, specials] = 0.0
+        blocks = as_blocks(weights, 64, 0.0)  # |blocks| = (n, n_blocks, 64)
+        block_sums = blocks.sum(dim=-1)  # |block_sums| = (n, n_blocks)
+        mass = block_sums.sum(dim=-1)
+        if bool((special_mass <= mass).all()):
+            y = draw_from_blocks(blocks, block_sums)
+            if temperature == 1.0:
+                return y, picked(scores, y) - (mass + special_mass).log_().add_(top.squeeze(1))
+            return y, picked(scores, y) - logsumexp(float_copy(scores, work), in_place=True)
+    allowed = _forbid_specials(scores, ids)
     if temperature != 1.0:
         allowed /= temperature  # a copy of its own
-    return draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
+    y = draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
+    return y, picked(scores, y) - logsumexp(float_copy(scores, work), in_place=True)
 
 
 @torch.no_grad()
@@ -286,15 +324,20 @@ def sample_search(
     rows = torch.arange(n, device=src.device)  # the output rows that the state still decodes
     y = torch.full((n,), specials.bos, dtype=torch.long, device=src.device)
     done = torch.zeros(n, dtype=torch.bool, device=src.device)
+    # sampling's float32 weights, written in one tensor at every step: a new one at each step is memory the
+    # system may map (page by page, zeroed) again, as it did for Seq2Seq's (rows, vocabulary) tensors
+    work = None
     for t in range(max_length):
-        step_log_probs, state = model.decode_step(y, state)  # |step_log_probs| = (len(rows), vocab_size)
+        scores, state = decode_scores(model, y, state)  # logits or log-probs: |scores| = (len(rows), vocab_size)
+        if work is None and not is_greedy:
+            work = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
         if is_greedy:
-            y = _greedy(step_log_probs, specials)
+            y, y_log_probs = _greedy(scores, specials)
         else:
-            y = _sample(step_log_probs, specials, temperature, top_k, top_p)
+            y, y_log_probs = _sample(scores, specials, temperature, top_k, top_p, work[: len(rows)])
         y = y.masked_fill(done, specials.pad)  # |y| = (len(rows),)
         ids[rows, t] = y
-        log_probs[rows, t] = step_log_probs.float().gather(1, y[:, None]).squeeze(1).masked_fill(done, 0.0)
+        log_probs[rows, t] = y_log_probs.masked_fill(done, 0.0)
         done = done | (y == specials.eos)
         n_done = int(done.sum())
         if n_done == len(rows):

@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 from simple_nmt import precision
 from simple_nmt.data import BOS, EOS, PAD
 from simple_nmt.models import EncoderDecoder, Seq2Seq, Transformer, build_model, seq2seq
-from simple_nmt.models.transformer import attend_few, cache_room
+from simple_nmt.models.transformer import CACHE_ROOM, append_to_cache, attend_few, cache_room
 from simple_nmt.search import repeat_state
 
 SRC_V, TGT_V = 19, 15
@@ -196,6 +196,22 @@ def test_attention_reads_a_cache_prefix_with_its_room_masked(mask):
         mask = (torch.arange(5) < torch.tensor([5, 3, 1])[:, None])[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.contiguous(), v.contiguous(), attn_mask=mask)
     torch.testing.assert_close(attend_few(q, k, v, mask), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_a_new_cache_buffer_holds_the_positions_and_a_room_of_zeros(monkeypatch):
+    """The room is read by attention (a weight of 0 times a NaN of fresh memory would be NaN): a new buffer
+    zeroes it, whatever the memory held (here NaN everywhere)."""
+    def nan_memory(self, *size, **kwargs):
+        return torch.full(size[0] if len(size) == 1 else size, float("nan"), dtype=kwargs.get("dtype", self.dtype))
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_memory)
+    k_cache, v_cache, k, v = (torch.randn(2, 3, n, 4) for n in (5, 5, 1, 1))
+    k_all, v_all, _ = append_to_cache(k_cache, v_cache, k, v, None)
+    assert cache_room(k_all) == cache_room(v_all) == 6 + CACHE_ROOM
+    for cache, before, new in ((k_all, k_cache, k), (v_all, v_cache, v)):
+        assert torch.equal(cache, torch.cat([before, new], dim=2))
+        room = cache.as_strided((2, 3, 6 + CACHE_ROOM, 4), cache.stride(), cache.storage_offset())[:, :, 6:]
+        assert bool((room == 0).all())
 
 
 def test_transformer_cache_is_written_in_place_and_a_state_can_be_decoded_twice():

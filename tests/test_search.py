@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from simple_nmt.data import BOS, EOS, LIBRARY_IDS, PAD, UNK
+from simple_nmt.data import BOS, EOS, LIBRARY_IDS, PAD, UNK, SpecialIds
 from simple_nmt.models import Seq2Seq, Transformer
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.search import (
+    _greedy,
     _sample,
     block_argmax,
     block_topk,
@@ -548,22 +549,49 @@ def test_block_argmax_and_topk_equal_torchs(size, dtype):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.01])
 def test_sampling_draws_from_the_tempered_softmax_of_the_tokens_other_than_pad_and_bos(temperature):
-    """Without top-k / top-p, sampling draws from exp(log-probs / T) unnormalised (one pass over the
-    vocabulary); at a temperature where that could underflow, from the softmax. Both draw what the
-    softmax over the allowed tokens draws, from the same random numbers."""
+    """Without top-k / top-p, sampling draws from exp((logits - max) / T) unnormalised (one pass over the
+    vocabulary); where PAD and BOS hold most of that, from the softmax. Both draw what the softmax over
+    the allowed tokens draws, from the same random numbers, from logits shifted by any amount per row as
+    from log-probs; the tokens' log-probs (at temperature 1) are those of the log-softmax."""
     g = torch.Generator().manual_seed(7)
     log_probs = (torch.randn(500, 8000, generator=g) * 3).log_softmax(dim=-1)
     pad_heavy = log_probs.clone()
     pad_heavy[:5, PAD] = math.log(0.9)  # rows where PAD holds most of the mass
+    pad_heavy = pad_heavy.log_softmax(dim=-1)
+    shifts = torch.randn(500, 1, generator=g) * 20
     for batch in (log_probs, pad_heavy):
         allowed = batch.clone()
         allowed[:, [PAD, BOS]] = NEG_INF
         torch.manual_seed(0)
-        tokens = _sample(batch, LIBRARY_IDS, temperature, 0, 1.0)
-        torch.manual_seed(0)
         reference = draw((allowed / temperature).softmax(dim=-1))
-        assert int((tokens != reference).sum()) <= 1  # a draw on a rounding boundary may differ
-        assert not bool(((tokens == PAD) | (tokens == BOS)).any())
+        for scores in (batch, batch + shifts):
+            torch.manual_seed(0)
+            tokens, token_log_probs = _sample(scores, LIBRARY_IDS, temperature, 0, 1.0)
+            assert int((tokens != reference).sum()) <= 1  # a draw on a rounding boundary may differ
+            assert not bool(((tokens == PAD) | (tokens == BOS)).any())
+            torch.testing.assert_close(token_log_probs, batch.gather(1, tokens[:, None]).squeeze(1),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_log_probs_where_bos_is_pad():
+    """Marian and T5 decode from PAD: one never-emitted token, whose mass counts once in the normaliser."""
+    ids = SpecialIds(pad=3, unk=1, bos=3, eos=0)
+    log_probs = (torch.randn(50, 40, generator=torch.Generator().manual_seed(9)) * 2).log_softmax(dim=-1)
+    for temperature in (1.0, 0.7):
+        tokens, token_log_probs = _sample(log_probs + 3.0, ids, temperature, 0, 1.0)
+        assert not bool((tokens == 3).any())
+        torch.testing.assert_close(token_log_probs, log_probs.gather(1, tokens[:, None]).squeeze(1))
+
+
+def test_greedy_picks_the_best_token_other_than_pad_and_bos_with_its_log_prob():
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(300, 1000, generator=g) * 4
+    logits[:7, BOS] = 50.0  # rows whose best token is BOS
+    tokens, token_log_probs = _greedy(logits, LIBRARY_IDS)
+    allowed = logits.clone()
+    allowed[:, [PAD, BOS]] = NEG_INF
+    assert torch.equal(tokens, allowed.argmax(dim=-1))
+    torch.testing.assert_close(token_log_probs, logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1))
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -822,3 +850,36 @@ def test_real_models_never_emit_pad_or_bos(cls):
     hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=3, n_best=3, max_length=6)
     assert all(t not in (PAD, BOS) for per in hyps for h in per for t in h)
     assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("cls", [Seq2Seq, Transformer])
+def test_greedy_and_sampling_read_logits_unless_decode_step_is_overridden(cls):
+    """A library model's greedy decoding and sampling read its logits (``decode_scores``), whose float32
+    log-softmax is its ``decode_step``. A subclass's or an instance's own ``decode_step`` is what they read."""
+    model = make_tiny_model(cls, 12, 15)
+    src, lengths = torch.tensor([[4, 5, 6, EOS], [7, 8, EOS, PAD]]), torch.tensor([4, 3])
+    y = torch.full((2,), BOS)
+    logits, _ = model.decode_scores(y, model.encode(src, lengths))
+    log_probs, _ = model.decode_step(y, model.encode(src, lengths))
+    assert not torch.allclose(logits.logsumexp(dim=-1), torch.zeros(2), atol=1e-3)  # not normalised
+    torch.testing.assert_close(log_probs, logits.float().log_softmax(dim=-1))
+
+    def no_eos(step):
+        def decode_step(y_prev, state):
+            log_probs, state = step(y_prev, state)
+            return log_probs.index_fill(1, torch.tensor([EOS]), NEG_INF), state
+        return decode_step
+
+    class NoEos(cls):
+        def decode_step(self, y_prev, state):
+            return no_eos(super().decode_step)(y_prev, state)
+
+    subclassed, instance = make_tiny_model(cls, 12, 15), make_tiny_model(cls, 12, 15)
+    subclassed.__class__ = NoEos
+    instance.decode_step = no_eos(instance.decode_step)
+    for m in (subclassed, instance):
+        scores, _ = m.decode_scores(y, m.encode(src, lengths))
+        assert bool((scores[:, EOS] == NEG_INF).all())
+        for is_greedy in (True, False):
+            ids, _ = m.search(src, lengths, is_greedy=is_greedy, max_length=6)
+            assert not bool((ids == EOS).any())

@@ -11,8 +11,8 @@ from simple_nmt import search as decoding
 
 
 class EncoderDecoder(nn.Module):
-    """Base class of the models: subclasses define ``encode``, ``decode_step`` and ``decode_features``
-    (or ``decode``).
+    """Base class of the models: subclasses define ``encode``, ``decode_logits`` (or ``decode_step``) and
+    ``decode_features`` (or ``decode``).
 
     ``forward`` (teacher forcing) is ``decode`` on ``encode``'s state, so that the RL
     engine can encode a source once and decode its K + 1 samples from that state.
@@ -31,9 +31,24 @@ class EncoderDecoder(nn.Module):
         """Encode |src| = (batch_size, src_length) into a decoder state (batch first)."""
         raise NotImplementedError
 
+    def decode_logits(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One step: |y_prev| = (batch_size,) -> logits (batch_size, vocab_size), new state."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither decode_logits nor decode_step")
+
     def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One step: |y_prev| = (batch_size,) -> log-probs (batch_size, vocab_size), new state."""
-        raise NotImplementedError
+        """One step: |y_prev| = (batch_size,) -> float32 log-probs (batch_size, vocab_size), new state: by
+        default the log-softmax of ``decode_logits``."""
+        logits, state = self.decode_logits(y_prev, state)
+        return decoding.float_log_softmax(logits), state
+
+    def decode_scores(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One step's scores over the vocabulary for a search that needs the log-probs of the tokens it
+        picks only (greedy decoding, sampling): ``decode_logits`` where ``decode_step`` is the default
+        one that normalises them, so that the search normalises only what it needs, else ``decode_step``
+        (a subclass's or an instance's own; log-probs are logits too)."""
+        if getattr(self.decode_step, "__func__", None) is EncoderDecoder.decode_step:
+            return self.decode_logits(y_prev, state)
+        return self.decode_step(y_prev, state)
 
     def repeat_state(self, state: dict[str, Any], n: int) -> dict[str, Any]:
         """Each batch row's state ``n`` times (rows i*n .. i*n + n - 1 decode source i): samples, beams.

@@ -11,7 +11,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.precision import compute_dtype, lstm_backend, lstm_precision
-from simple_nmt.search import float_log_softmax
 
 
 class Seq2Seq(EncoderDecoder):
@@ -104,9 +103,9 @@ class Seq2Seq(EncoderDecoder):
         h_tilde = self.dropout(torch.tanh(self.concat(torch.cat([out, context.to(out.dtype)], -1))))
         return h_tilde, dict(state, h_tilde=h_tilde)
 
-    def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def decode_logits(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         h_tilde, state = self._step(self.dropout(self.tgt_emb(y_prev)), state)
-        return float_log_softmax(self.generator(h_tilde)), state
+        return self.generator(h_tilde), state
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         emb = self.dropout(self.tgt_emb(tgt_in))  # |emb| = (batch_size, length, word_vec_size)

@@ -11,7 +11,7 @@ from torch import nn
 
 from simple_nmt.data import PAD
 from simple_nmt.models.base import EncoderDecoder
-from simple_nmt.search import float_log_softmax, take_rows
+from simple_nmt.search import take_rows
 
 
 def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -143,7 +143,8 @@ def append_to_cache(
         writes = mark[0]
         writes[0] += 1
     else:
-        buffer = k.new_zeros(2, n, heads, length + CACHE_ROOM, size)  # room of zeros: attend_few reads it
+        buffer = k.new_empty(2, n, heads, length + CACHE_ROOM, size)
+        buffer[:, :, :, length:] = 0  # room of zeros: attend_few reads it (0 weight times memory's NaN is NaN)
         k_all, v_all = buffer[0, :, :, :length], buffer[1, :, :, :length]
         k_all[:, :, :t], v_all[:, :, :t] = k_cache, v_cache
         writes = [0]
@@ -301,11 +302,10 @@ class Transformer(EncoderDecoder):
             x = block(x, z, (k, v), self_mask, cross_kv, state["src_mask"], state["group"])
         return self.decoder_norm(x), {"self_kv": cache, "self_kv_marks": marks}
 
-    def decode_step(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def decode_logits(self, y_prev: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         x = self._embed(self.tgt_emb, y_prev[:, None], start=state["step"])  # (batch_size, 1, hidden_size)
         h, cache = self._run_decoder(x, state, causal=False)
-        log_probs = float_log_softmax(self.generator(h.squeeze(1)))
-        return log_probs, dict(state, **cache, step=state["step"] + 1)
+        return self.generator(h.squeeze(1)), dict(state, **cache, step=state["step"] + 1)
 
     def decode_features(self, tgt_in: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         h, _ = self._run_decoder(self._embed(self.tgt_emb, tgt_in), state, causal=True)
