@@ -29,7 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, PROJECT, VOCAB, machine, recorded_products, replay_products, run_worker, table  # noqa: E402
+from common import (  # noqa: E402
+    MODELS,
+    PROJECT,
+    VOCAB,
+    best_time,
+    machine,
+    recorded_products,
+    replay_products,
+    run_worker,
+    table,
+)
 
 VARIANTS = ("library", "static cache, eager", "static cache, compiled", "static cache, compiled, frozen")
 
@@ -41,6 +51,7 @@ def worker(args: argparse.Namespace) -> dict:
     from simple_nmt.data import BOS, PAD
     from simple_nmt.models import Transformer
     from simple_nmt.models.transformer import sinusoids
+    from simple_nmt.precision import Precision
     from simple_nmt.search import float_log_softmax
 
     torch.set_num_threads(args.threads)
@@ -50,7 +61,7 @@ def worker(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, VOCAB, (args.batch_size, 20), generator=g)
     lengths = torch.full((args.batch_size,), 20)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    precision = Precision(args.precision, "cpu")
     hidden, heads = model.hidden_size, model.decoder[0].self_attn.n_splits
     positions = sinusoids(torch.arange(args.length), hidden)  # |positions| = (length, hidden_size)
     never = torch.tensor([PAD, BOS])
@@ -86,11 +97,11 @@ def worker(args: argparse.Namespace) -> dict:
         step = torch.compile(step, fullgraph=True, dynamic=False)
 
     def decode() -> torch.Tensor:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.no_grad(), precision.autocast():
             if args.variant == "library":
                 return model.search(src, lengths, max_length=args.length)[0]
             state = model.encode(src, lengths)
-            cache_dtype = state["cross_kv"][0][0].dtype if dtype is None else dtype
+            cache_dtype = state["cross_kv"][0][0].dtype  # the keys' and values' type: float32, or autocast's
             caches = [tuple(torch.zeros(args.batch_size, heads, args.length, hidden // heads, dtype=cache_dtype)
                             for _ in range(2)) for _ in model.decoder]
             y, ids = torch.full((args.batch_size,), BOS), []
@@ -107,20 +118,12 @@ def worker(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         decode()
         times.append(time.perf_counter() - start)
-    with recorded_products(model) as products, torch.no_grad(), torch.autocast(
-            "cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+    with recorded_products(model) as products, torch.no_grad(), precision.autocast():
         library_ids = model.search(src, lengths, max_length=args.length)[0]
-    replay, _ = replay_products(products, torch.device("cpu"), dtype)
-    replay()
-    matmul = min(_timed(replay) for _ in range(args.repeat))
+    replay, _ = replay_products(products, torch.device("cpu"), precision.dtype)
+    matmul = best_time(replay, args.repeat)
     same = sum(a == b for a, b in zip(ids.tolist(), library_ids.tolist()))
     return {"seconds": statistics.median(times), "matmul_seconds": matmul, "warm_up": warm_up, "same": same}
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

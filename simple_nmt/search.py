@@ -251,13 +251,14 @@ def _greedy(scores: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor, torch.
     special = (y == ids.pad) | (y == ids.bos)
     if special.any():  # rare in a trained model: only these rows are searched again without them
         y[special] = block_argmax(_forbid_specials(log_probs[special], ids))
-    return y, log_probs.gather(1, y[:, None]).squeeze(1)
+    return y, picked(log_probs, y)
 
 
 def _sample(scores: torch.Tensor, ids: SpecialIds, temperature: float, top_k: int, top_p: float,
             work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row, PAD and BOS never, and its log-prob (at temperature 1): |scores| = (n, vocab_size)
     logits (or log-probs) -> (n,), (n,). ``work``: a float32 tensor of the scores' shape to use (overwritten)."""
+    y = log_z = None
     if top_k == 0 and top_p == 1.0:
         # exp((logits - max) / temperature) is what draw needs, in one pass, and at temperature 1 its sum
         # is the log-normaliser's. The best token other than PAD and BOS cannot underflow to 0 when those
@@ -273,13 +274,15 @@ def _sample(scores: torch.Tensor, ids: SpecialIds, temperature: float, top_k: in
         if bool((special_mass <= mass).all()):
             y = draw_from_blocks(blocks, block_sums)
             if temperature == 1.0:
-                return y, picked(scores, y) - (mass + special_mass).log_().add_(top.squeeze(1))
-            return y, picked(scores, y) - logsumexp(float_copy(scores, work), in_place=True)
-    allowed = _forbid_specials(scores, ids)
-    if temperature != 1.0:
-        allowed /= temperature  # a copy of its own
-    y = draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
-    return y, picked(scores, y) - logsumexp(float_copy(scores, work), in_place=True)
+                log_z = (mass + special_mass).log_().add_(top.squeeze(1))
+    if y is None:
+        allowed = _forbid_specials(scores, ids)
+        if temperature != 1.0:
+            allowed /= temperature  # a copy of its own
+        y = draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
+    if log_z is None:
+        log_z = logsumexp(float_copy(scores, work), in_place=True)
+    return y, picked(scores, y) - log_z
 
 
 @torch.no_grad()
