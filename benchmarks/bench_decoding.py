@@ -1,7 +1,9 @@
 """Decoding speed against its limit: greedy, sampling and beam 5, per precision, and against an earlier version.
 
     python benchmarks/bench_decoding.py [--device cuda] [--precisions fp32,bf16] [--before REF]
+                                        [--models transformer,seq2seq] [--methods greedy,sampling,"beam 5"]
                                         [--length 40] [--batch_size 64] [--n_samples 5] [--repeat 5]
+                                        [--threads 1] [--compile] [--glibc_tunables STR]
 
 For both models (the sizes of ``common.py``, untrained, so that every output runs to
 ``--length`` tokens), each method decodes ``--batch_size`` sources of 20 tokens;
@@ -13,7 +15,8 @@ decoding loop could reach without computing less; the ratio says how far the loo
 from it. The no-cache Transformer is the same model whose step re-runs the decoder over
 the whole prefix, as a decoder without a cache must.
 
-``--compile`` runs the step as ``torch.compile(model.decode_step, dynamic=True)`` (the
+``--compile`` runs the step as ``torch.compile(model.decode_step, dynamic=True)``, the Transformer's
+writes into its cache and attention over it (``append_to_cache``, ``attend_few``) left eager (the
 compilation falls in the warm-up run, outside the times).
 
 ``--before REF`` measures the same rows with the project's code at git revision REF

@@ -79,7 +79,7 @@ def by_hand_step(model, optimizer, src, mask, refs, k: int, max_length: int, rew
 
 def worker(args: argparse.Namespace) -> dict:
     """Time one method's steps in this process."""
-    from simple_nmt.cli import default_config
+    from simple_nmt.config import default_config
     from simple_nmt.data import collate
     from simple_nmt.hf import HuggingFaceModel
     from simple_nmt.rewards import as_reward

@@ -1,7 +1,8 @@
 """One RL step: the library's engine against the classic way and the original toolkit, on the same batch.
 
     python benchmarks/bench_rl_step.py [--device cuda] [--steps 3] [--precisions fp32,bf16]
-                                       [--classic_dir DIR]
+                                       [--classic_dir DIR] [--headline_only] [--models transformer,seq2seq]
+                                       [--mean_length N] [--mmap_threshold BYTES] [--threads 1]
     python benchmarks/bench_rl_step.py --memory_budget_mb 1024 --steps 1 [--device cuda]
 
 The classic step (written here as the reference) samples the actor with the
@@ -10,7 +11,8 @@ log-probs, then draws the K baseline samples in K separate no-grad passes, and
 scores every sentence in a Python loop (nltk GLEU on id lists). The engine's
 step samples all K+1 outputs in one batched no-grad search, scores them with the
 vectorised GLEU and re-scores the actor by teacher forcing (one forward per
-group of similar sample lengths).
+group of similar sample lengths). Both models are measured at B=64, K=4; unless
+``--headline_only``, the Transformer also at K = 1, 8 and 16 (B=64) and B = 16 and 128 (K=4).
 
 On CPU, Seq2Seq has a row per bf16 / fp16 precision with the engine's re-scoring as before
 ``UnrolledLSTM``: the decoder's ``nn.LSTM`` called once per step (``common.stepped_decoder``; float32
@@ -171,7 +173,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if args.method == "original":
         return measure_steps(args, device, original_step(args, device), lengths=None)
-    from simple_nmt.cli import default_config
+    from simple_nmt.config import default_config
     from simple_nmt.data import BOS, EOS
     from simple_nmt.models import build_model
     from simple_nmt.rl_trainer import MinimumRiskTrainingEngine

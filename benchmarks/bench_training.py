@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import MODELS, VOCAB, machine, stepped_decoder, table  # noqa: E402
 
-from simple_nmt.cli import default_config  # noqa: E402
+from simple_nmt.config import default_config  # noqa: E402
 from simple_nmt.data import BOS, EOS  # noqa: E402
 from simple_nmt.models import build_model  # noqa: E402
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE = ROOT / "docs" / "usage.md"
-MARKER = ("<!-- Generated below this line by docs/make_usage.py from the parsers in simple_nmt/cli.py: "
+MARKER = ("<!-- Generated below this line by docs/make_usage.py from the parsers in simple_nmt/options.py: "
           "do not edit by hand, run python docs/make_usage.py -->")
 
 
@@ -63,7 +63,7 @@ def parser_section(script: str, parser: argparse.ArgumentParser) -> list[str]:
 def generated() -> str:
     """The generated part of docs/usage.md, marker line included."""
     sys.path.insert(0, str(ROOT))
-    from simple_nmt.cli import average_parser, continue_parser, train_parser, translate_parser
+    from simple_nmt.options import average_parser, continue_parser, train_parser, translate_parser
 
     lines = [MARKER, ""]
     for script, parser in (("train.py", train_parser()), ("continue_train.py", continue_parser()),

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -118,6 +119,14 @@ REPLACED = {"use_adam": ["optimizer='adam'"], "use_radam": ["optimizer='radam'"]
 
 def _lang(text: str) -> None:
     split_lang(text)
+
+
+def _reward_name(name: str) -> None:
+    """A reward of the library by name, or ``module:function`` (None, stored by the engine for a reward
+    given in Python without an importable name, is let through: a resumed run must be given one)."""
+    if name not in REWARDS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", name):
+        raise ValueError(f"must be one of {', '.join(sorted(REWARDS))}, or an importable module:function, "
+                         f"got {name!r}")
 
 
 class Options:
@@ -256,7 +265,9 @@ class RLOptions(Options):
     rl_objective: str = option("reinforce", "REINFORCE, or minimum risk training over the sample set "
                                             "(Shen et al., 2016)", choices=("reinforce", "mrt"))
     rl_mrt_alpha: float = option(0.005, "MRT sharpness alpha", above=0.0)
-    rl_reward: str = option("bleu", "sentence reward", choices=tuple(sorted(REWARDS)))
+    rl_reward: str | None = option(
+        "bleu", f"sentence reward: one of {', '.join(sorted(REWARDS))}, or an importable module:function "
+                "(a reward of your own; see docs/research-api.md)", check=_reward_name)
     rl_n_gram: int = option(4, "largest n-gram of BLEU / GLEU rewards", minimum=1)
     rl_temperature: float = option(1.0, "sampling temperature", above=0.0)
     rl_top_k: int = option(0, "sample from the k best tokens (0: all)", minimum=0)
@@ -338,9 +349,12 @@ class TranslateOptions(HuggingFaceOptions, DeviceOptions):
 
 
 def as_config(config: Config | Mapping[str, Any]) -> Config:
-    """A ``Config`` as it is; a mapping of option names to values as a validated ``Config``
-    (the options it leaves out take their defaults)."""
-    return config if isinstance(config, Config) else Config.from_dict(config)
+    """A ``Config`` as it is; a mapping of option names to values as a validated ``Config`` (the options it
+    leaves out take their defaults); a checkpoint's stored config (``checkpoint["meta"]["config"]``, which
+    names its ``phase``) as ``config_from_checkpoint`` reads it."""
+    if isinstance(config, Config):
+        return config
+    return Config.from_dict(config_from_checkpoint(config) if "phase" in config else config)
 
 
 # keys of a stored config that are not options: the phase, the file it was continued from, and
@@ -366,3 +380,12 @@ def config_from_checkpoint(saved: Mapping[str, Any]) -> dict[str, Any]:
 def source_of(name: str) -> str:
     """Where continue_train.py takes option ``name`` from: FIXED, INHERITED or LOCAL."""
     return {f.name: f.metadata["source"] for f in dataclasses.fields(Config)}[name]
+
+
+def default_config(**overrides: Any) -> Config:
+    """train.py's defaults with ``overrides``: the ``Config`` the engines and ``build_model`` read.
+
+    Raises:
+        ValueError: an unknown option, or a bad value, named.
+    """
+    return Config.from_dict(overrides)

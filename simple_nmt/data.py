@@ -223,6 +223,7 @@ class TextField:
 
     tokenizer: Tokenizer
     vocab: Vocab
+    special_ids: SpecialIds = LIBRARY_IDS  # what collate brackets and pads this side's ids with
 
     def to_ids(self, line: str) -> list[int]:
         """Tokenize and map a line to ids (without BOS/EOS)."""
@@ -245,22 +246,29 @@ class TextField:
 
 
 class ParallelDataset(torch.utils.data.Dataset):
-    """Pairs of id lists, pairs longer than ``max_length`` tokens dropped."""
+    """Pairs of id lists, pairs longer than ``max_length`` tokens dropped.
+
+    An example is ``(index, src, tgt)``: ``index`` is the pair's line number in the
+    lists given (counted from 0), kept when longer pairs before it are dropped, so that
+    it finds the pair's raw lines (``collate`` puts it in the batch as ``index``).
+    """
 
     def __init__(self, src: Sequence[list[int]], tgt: Sequence[list[int]], max_length: int = 0):
-        keep = [
+        if len(src) != len(tgt):
+            raise ValueError(f"{len(src)} sources but {len(tgt)} targets")
+        self.line_numbers = [
             i for i in range(len(src))
             if max_length <= 0 or (len(src[i]) <= max_length and len(tgt[i]) <= max_length)
         ]
-        self.n_dropped = len(src) - len(keep)
-        self.src = [src[i] for i in keep]
-        self.tgt = [tgt[i] for i in keep]
+        self.n_dropped = len(src) - len(self.line_numbers)
+        self.src = [src[i] for i in self.line_numbers]
+        self.tgt = [tgt[i] for i in self.line_numbers]
 
     def __len__(self) -> int:
         return len(self.src)
 
     def __getitem__(self, i: int) -> tuple[int, list[int], list[int]]:
-        return i, self.src[i], self.tgt[i]
+        return self.line_numbers[i], self.src[i], self.tgt[i]
 
     def lengths(self) -> list[tuple[int, int]]:
         """(source length, target length) of every pair, for batching."""

@@ -276,7 +276,10 @@ class HuggingFaceText:
         self.tokenizer, self.special_ids, self.target = tokenizer, special_ids, target
 
     def to_ids(self, line: str) -> list[int]:
-        """The ids of a line (a target's without BOS / EOS)."""
+        """The ids of a line (a target's without BOS / EOS); none for a line without text, as the library's
+        tokenizers give (the tokenizer's special tokens alone would make it a sentence to translate)."""
+        if not line.strip():
+            return []
         if self.target:
             return self.tokenizer(text_target=line, add_special_tokens=False)["input_ids"]
         return self.tokenizer(line)["input_ids"]

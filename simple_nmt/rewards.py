@@ -9,26 +9,38 @@ vocabulary size (no hashing). They reproduce sacrebleu's sentence BLEU with
 the sequences of ids joined by spaces.
 
 Every position equal to ``pad_id`` is ignored wherever it stands; other
-special ids (BOS, EOS) count as ordinary tokens, so replace them by ``pad_id``
-first if they should not be scored, e.g.
-``hyps.masked_fill(hyps == EOS, PAD)``.
+special ids (BOS, EOS) count as ordinary tokens, so remove them first if they
+should not be scored (``strip_eos`` turns everything from the first EOS on
+into PAD).
 
-``SacreBLEUReward`` scores detokenized strings with sacrebleu itself (BLEU or
-chrF), sentence by sentence, for users who want the exact text metric.
+A reward is any callable ``(hyps, refs) -> (rows,) tensor`` on PAD-padded id
+tensors. One that also names some of ``REWARD_INPUTS`` as parameters (or takes
+``**kwargs``) is given them as keyword arguments, one entry per row
+(``reward_inputs`` reads its signature): ``src`` (the source ids of each row),
+``src_text`` / ``ref_text`` (the raw source / reference lines), ``hyp_text``
+(the hypotheses as text) and ``index`` (each row's example, its line number in
+the training files). ``SacreBLEUReward`` is such a text reward: it scores
+``hyp_text`` against ``ref_text`` with sacrebleu itself (BLEU or chrF).
 
-A reward is any callable ``(hyps, refs) -> (batch_size,) tensor``;
-``get_reward`` builds one by name and ``as_reward`` also lets user callables
-through unchanged.
+``get_reward`` builds one by name (the library's, or ``"module:function"``),
+``as_reward`` also lets user callables through unchanged, and
+``score_candidates`` scores every candidate of a source against every
+reference of the same source (what minimum Bayes risk selection needs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-Reward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from simple_nmt.data import LIBRARY_IDS, SpecialIds
+
+Reward = Callable[..., torch.Tensor]
 
 SMOOTH_DEFAULTS: dict[str, float | None] = {
     "none": None,
@@ -38,6 +50,20 @@ SMOOTH_DEFAULTS: dict[str, float | None] = {
 }
 
 REWARDS = ("bleu", "gleu", "chrf", "sacrebleu")
+
+# the keyword inputs a reward may name, each given one entry per scored row
+REWARD_INPUTS = ("src", "src_text", "hyp_text", "ref_text", "index")
+
+
+def after_eos(ids: torch.Tensor, eos: int = LIBRARY_IDS.eos) -> torch.Tensor:
+    """True at every position after the first EOS: |ids| = (n, length) -> (n, length) bool."""
+    is_eos = (ids == eos).long()
+    return (is_eos.cumsum(dim=1) - is_eos) > 0
+
+
+def strip_eos(ids: torch.Tensor, specials: SpecialIds = LIBRARY_IDS) -> torch.Tensor:
+    """The tokens before the first EOS, PAD elsewhere: what a reward scores. |ids| = (n, length) -> (n, length)."""
+    return ids.masked_fill(after_eos(ids, specials.eos) | (ids == specials.eos), specials.pad)
 
 
 def _compact(x: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,28 +333,23 @@ def sentence_gleu(
 
 
 class SacreBLEUReward:
-    """Exact sacrebleu sentence BLEU or chrF on detokenized strings.
+    """Exact sacrebleu sentence BLEU or chrF of texts: a text reward.
 
-    Each pair is decoded to text and scored by sacrebleu, one sentence at a
-    time (a Python loop: use the tensor rewards when speed matters). BLEU uses
-    sacrebleu's defaults (13a tokenizer, exp smoothing) with effective order;
-    chrF uses its defaults (character 6-grams, beta 2).
+    It scores its keyword inputs ``hyp_text`` (the hypotheses as text) against
+    ``ref_text`` (the reference lines), one sentence at a time (a Python loop: use
+    the tensor rewards when speed matters); the id tensors only give the number of
+    rows and the device. The RL engine gives it the hypotheses decoded by its
+    ``tgt_field`` and the raw reference lines of the training file (``tgt_lines``),
+    so that a word outside the vocabulary is scored as written, not as ``<unk>``.
+    BLEU uses sacrebleu's defaults (13a tokenizer, exp smoothing) with effective
+    order; chrF uses its defaults (character 6-grams, beta 2).
 
     Args:
-        decode: maps one list of ids (pads already removed) to a detokenized
-            string; any other special ids (BOS, EOS) are its business.
         metric: ``"bleu"`` or ``"chrf"``.
-        pad_id: id removed before decoding.
         n_gram: the largest n-gram order of BLEU (ignored by chrF).
     """
 
-    def __init__(
-        self,
-        decode: Callable[[list[int]], str],
-        metric: str = "bleu",
-        pad_id: int = 0,
-        n_gram: int = 4,
-    ):
+    def __init__(self, metric: str = "bleu", n_gram: int = 4):
         from sacrebleu.metrics import BLEU, CHRF
 
         if metric == "bleu":
@@ -337,46 +358,147 @@ class SacreBLEUReward:
             self.metric = CHRF()
         else:
             raise ValueError(f"unknown metric {metric!r}; known: bleu, chrf")
-        self.decode = decode
-        self.pad_id = pad_id
 
-    def __call__(self, hyps: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-        """Score each hypothesis against its reference.
+    def __call__(self, hyps: torch.Tensor, refs: torch.Tensor, *, hyp_text: Sequence[str],
+                 ref_text: Sequence[str]) -> torch.Tensor:
+        """Score each hypothesis text against its reference text.
 
         Args:
-            hyps: hypothesis ids, ``(batch_size, length)``.
-            refs: reference ids, ``(batch_size, length')``.
+            hyps: hypothesis ids, ``(rows, length)``.
+            refs: reference ids, ``(rows, length')``.
+            hyp_text: the hypotheses as text, one per row.
+            ref_text: the references as text, one per row.
 
         Returns:
-            Float32 scores (0-100), ``(batch_size,)``, on the device of ``hyps``.
+            Float32 scores (0-100), ``(rows,)``, on the device of ``hyps``.
         """
         _check_pair(hyps, refs)
-        pad = self.pad_id
-        scores = [
-            self.metric.sentence_score(
-                self.decode([t for t in hyp if t != pad]),
-                [self.decode([t for t in ref if t != pad])],
-            ).score
-            for hyp, ref in zip(hyps.tolist(), refs.tolist())
-        ]
+        if len(hyp_text) != hyps.size(0) or len(ref_text) != hyps.size(0):
+            raise ValueError(f"{hyps.size(0)} rows but {len(hyp_text)} hypothesis and {len(ref_text)} "
+                             "reference texts")
+        scores = [self.metric.sentence_score(hyp, [ref]).score for hyp, ref in zip(hyp_text, ref_text)]
         return torch.tensor(scores, dtype=torch.float32, device=hyps.device)
 
 
-def get_reward(
-    name: str,
-    n_gram: int = 4,
-    pad_id: int = 0,
-    decode: Callable[[list[int]], str] | None = None,
-) -> Reward:
-    """Build a reward ``(hyps, refs) -> (batch_size,)`` by name.
+def import_reward(name: str) -> Reward:
+    """The callable that ``name`` = ``"module:qualname"`` names, imported.
+
+    Raises:
+        ValueError: one line naming ``name`` when it does not import or is not callable.
+    """
+    module_name, _, qualname = name.partition(":")
+    try:
+        found = importlib.import_module(module_name)
+    except Exception as e:  # any error of the module's code: it does not import
+        first_line = str(e).partition("\n")[0]
+        raise ValueError(f"reward {name!r} does not import: {type(e).__name__}: {first_line}") from e
+    try:
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except AttributeError:
+        raise ValueError(f"reward {name!r} does not import: module {module_name} has no {qualname}") from None
+    if not callable(found):
+        raise ValueError(f"reward {name!r} is not callable: it is a {type(found).__name__}")
+    return found
+
+
+def reward_name(reward: str | Reward) -> str | None:
+    """The name that rebuilds ``reward`` through ``get_reward``: a name given is returned as it is; a
+    callable gets ``"module:qualname"`` where importing that gives back the same object (a module-level
+    function), else None (a lambda, closure, bound method or instance, or anything of ``__main__``, which
+    another run cannot import)."""
+    if isinstance(reward, str):
+        return reward
+    module, qualname = getattr(reward, "__module__", None), getattr(reward, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__":
+        return None
+    name = f"{module}:{qualname}"
+    try:
+        return name if import_reward(name) is reward else None
+    except ValueError:
+        return None
+
+
+def reward_label(reward: str | Reward) -> str:
+    """How messages name ``reward``: its name if it is given by name or has one (``reward_name``), else its
+    qualified name (or its type's)."""
+    name = reward_name(reward)
+    if name is not None:
+        return repr(name)
+    return getattr(reward, "__qualname__", None) or type(reward).__qualname__
+
+
+def reward_inputs(reward: Reward, unavailable: Mapping[str, str] | None = None, label: str | None = None
+                  ) -> frozenset[str]:
+    """The inputs of ``REWARD_INPUTS`` to give ``reward`` as keyword arguments, decided from its signature.
+
+    A reward gets the inputs it names as parameters, and with ``**kwargs`` every one that is available.
+    A callable without a signature (some builtins) gets none.
 
     Args:
-        name: ``"bleu"`` and ``"gleu"`` (tensor rewards on ids), ``"sacrebleu"``
-            and ``"chrf"`` (text rewards through sacrebleu, need ``decode``).
-        n_gram: the largest n-gram order (ignored by chrF).
-        pad_id: id ignored in hypotheses and references.
-        decode: ids (pads removed) to detokenized string, for text rewards.
+        reward: the callable.
+        unavailable: the inputs the caller cannot give, each with what would make it available (e.g.
+            ``{"ref_text": "pass tgt_lines"}``).
+        label: the reward's name in messages (default ``reward_label(reward)``).
+
+    Raises:
+        ValueError: one line naming the reward, when it names an unavailable input.
     """
+    unavailable = unavailable or {}
+    try:
+        parameters = list(inspect.signature(reward).parameters.values())
+    except (TypeError, ValueError):
+        return frozenset()
+    named = {p.name for p in parameters if p.name in REWARD_INPUTS and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                  p.KEYWORD_ONLY)}
+    for name in REWARD_INPUTS:
+        if name in named and name in unavailable:
+            raise ValueError(f"reward {label or reward_label(reward)} takes {name}: {unavailable[name]}")
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        named.update(name for name in REWARD_INPUTS if name not in unavailable)
+    return frozenset(named)
+
+
+def checked_scores(scores: Any, rows: int, label: str, check_finite: bool = True) -> torch.Tensor:
+    """A reward's output as float32 |scores| = (rows,).
+
+    A real-valued tensor of shape (rows,) is accepted: floating, or integer or bool (counts, hits), all
+    taken as float32.
+
+    Args:
+        scores: what the reward returned.
+        rows: the number of rows it scored.
+        label: the reward's name in messages.
+        check_finite: also refuse NaN and infinite scores (one host sync).
+
+    Raises:
+        ValueError: one line naming the reward, what it returned and what was expected.
+    """
+    expected = f"expected a real-valued tensor of shape ({rows},), one score per row"
+    if not torch.is_tensor(scores):
+        raise ValueError(f"reward {label} returned a {type(scores).__name__}; {expected}")
+    if tuple(scores.shape) != (rows,) or scores.is_complex():
+        raise ValueError(f"reward {label} returned a tensor of shape {tuple(scores.shape)} and dtype "
+                         f"{scores.dtype}; {expected}")
+    scores = scores.float()
+    if check_finite and not bool(scores.isfinite().all()):
+        bad = scores[~scores.isfinite()][0]
+        raise ValueError(f"reward {label} returned non-finite scores (e.g. {float(bad)}); expected finite ones")
+    return scores
+
+
+def get_reward(name: str, n_gram: int = 4, pad_id: int = 0) -> Reward:
+    """Build a reward by name.
+
+    Args:
+        name: ``"bleu"`` and ``"gleu"`` (tensor rewards on ids, ``(hyps, refs) -> (rows,)``),
+            ``"sacrebleu"`` and ``"chrf"`` (text rewards, ``SacreBLEUReward``, which take
+            ``hyp_text`` and ``ref_text``), or ``"module:function"``: a reward of your own, imported.
+        n_gram: the largest n-gram order (ignored by chrF and by imported rewards).
+        pad_id: id ignored in hypotheses and references (by the tensor rewards).
+    """
+    if ":" in name:
+        return import_reward(name)
     if name == "bleu":
 
         def bleu(hyps: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
@@ -390,29 +512,83 @@ def get_reward(
 
         return gleu
     if name in ("sacrebleu", "chrf"):
-        if decode is None:
-            raise ValueError(f"reward {name!r} scores text: pass decode (ids to string)")
-        metric = "bleu" if name == "sacrebleu" else "chrf"
-        return SacreBLEUReward(decode, metric=metric, pad_id=pad_id, n_gram=n_gram)
-    raise ValueError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}")
+        return SacreBLEUReward(metric="bleu" if name == "sacrebleu" else "chrf", n_gram=n_gram)
+    raise ValueError(f"unknown reward {name!r}; known: {', '.join(REWARDS)}, or module:function")
 
 
-def as_reward(
-    reward: str | Reward,
-    n_gram: int = 4,
-    pad_id: int = 0,
-    decode: Callable[[list[int]], str] | None = None,
-) -> Reward:
-    """Return ``reward`` unchanged if it is callable, else ``get_reward(reward, ...)``.
+def as_reward(reward: str | Reward, n_gram: int = 4, pad_id: int = 0) -> Reward:
+    """Return ``reward`` unchanged if it is callable, else ``get_reward(reward, n_gram, pad_id)``.
 
-    Any callable ``(hyps, refs) -> (batch_size,) tensor`` is accepted as a reward.
-
-    Args:
-        reward: a reward name (see ``REWARDS``) or a callable.
-        n_gram: passed to ``get_reward``.
-        pad_id: passed to ``get_reward``.
-        decode: passed to ``get_reward``.
+    Any callable ``(hyps, refs[, inputs]) -> (rows,) tensor`` is accepted as a reward.
     """
     if callable(reward):
         return reward
-    return get_reward(reward, n_gram=n_gram, pad_id=pad_id, decode=decode)
+    return get_reward(reward, n_gram=n_gram, pad_id=pad_id)
+
+
+def score_candidates(
+    candidates: torch.Tensor,
+    references: torch.Tensor,
+    reward: str | Reward = "bleu",
+    specials: SpecialIds = LIBRARY_IDS,
+    chunk_rows: int = 4096,
+    to_text: Callable[[Sequence[int]], str] | None = None,
+) -> torch.Tensor:
+    """Every candidate of a source scored against every reference of the same source.
+
+    The (candidate, reference) pairs are laid out as rows and given to the reward ``chunk_rows`` at a
+    time, so that memory stays bounded for any number of pairs (1,024 x 1,024 per source and more).
+    Minimum Bayes risk selection takes the candidate of the highest mean over references that are the
+    candidates themselves: ``score_candidates(c, c).mean(dim=-1).argmax(dim=-1)``.
+
+    Args:
+        candidates: |candidates| = (sources, n, length) ids, or (n, length) for one source. Everything from
+            a row's first EOS on is ignored, and PAD wherever it stands.
+        references: |references| = (sources, m, length') ids, or (m, length'), read as the candidates.
+        reward: a name of ``REWARDS`` (n-gram order 4), ``"module:function"``, or a callable
+            ``(hyps, refs[, hyp_text, ref_text]) -> (rows,)``; a text reward needs ``to_text``. A reward
+            that takes ``src``, ``src_text`` or ``index`` is refused: only the pairs are given.
+        specials: the vocabulary's special ids (EOS and PAD are read).
+        chunk_rows: the most pairs per call of the reward. The tensor rewards hold about
+            ``4 * chunk_rows * length**2`` bytes (length: the longest sentence of the chunk).
+        to_text: ids (EOS and PAD removed) to text, for a reward that takes ``hyp_text`` / ``ref_text``;
+            each candidate and reference is turned into text once.
+
+    Returns:
+        Float32 |scores| = (sources, n, m), or (n, m) for 2-D inputs, on the candidates' device:
+        ``scores[s, i, j]`` is the reward of candidate i of source s against reference j of source s.
+    """
+    if candidates.dim() not in (2, 3) or references.dim() != candidates.dim():
+        raise ValueError(f"candidates and references must be (sources, n, length) and (sources, m, length'), or "
+                         f"(n, length) and (m, length'), got shapes {tuple(candidates.shape)} and "
+                         f"{tuple(references.shape)}")
+    single = candidates.dim() == 2
+    if single:
+        candidates, references = candidates[None], references[None]
+    if candidates.size(0) != references.size(0):
+        raise ValueError(f"{candidates.size(0)} sources of candidates but {references.size(0)} of references")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    sources, n, m = candidates.size(0), candidates.size(1), references.size(1)
+    label, fn = reward_label(reward), as_reward(reward, pad_id=specials.pad)
+    only_pairs = "score_candidates gives the candidates and references only"
+    unavailable = dict.fromkeys(("src", "src_text", "index"), only_pairs)
+    if to_text is None:
+        unavailable.update(dict.fromkeys(("hyp_text", "ref_text"), "pass to_text (ids to text)"))
+    inputs = reward_inputs(fn, unavailable, label)
+    hyps = strip_eos(candidates.reshape(sources * n, -1), specials)  # |hyps| = (sources * n, length)
+    refs = strip_eos(references.reshape(sources * m, -1), specials)  # |refs| = (sources * m, length')
+    texts = {name: [to_text(row) for row in ids.tolist()]
+             for name, ids in (("hyp_text", hyps), ("ref_text", refs)) if name in inputs}
+
+    scores = torch.empty(sources * n * m, dtype=torch.float32, device=candidates.device)
+    for start in range(0, len(scores), chunk_rows):
+        pairs = torch.arange(start, min(start + chunk_rows, len(scores)), device=candidates.device)
+        # pair p = (s * n + i) * m + j: candidate row s * n + i, reference row s * m + j
+        hyp_rows, ref_rows = pairs // m, pairs // (n * m) * m + pairs % m  # |hyp_rows| = |ref_rows| = (chunk,)
+        rows = {"hyp_text": hyp_rows, "ref_text": ref_rows}
+        kwargs = {name: [text[k] for k in rows[name].tolist()] for name, text in texts.items()}
+        out = fn(hyps.index_select(0, hyp_rows), refs.index_select(0, ref_rows), **kwargs)
+        scores[start:start + len(pairs)] = checked_scores(out, len(pairs), label)
+    scores = scores.view(sources, n, m)
+    return scores[0] if single else scores

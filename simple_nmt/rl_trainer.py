@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,20 +18,24 @@ from simple_nmt.config import Config
 from simple_nmt.data import LIBRARY_IDS, SpecialIds, TextField, pad_batch
 from simple_nmt.models.base import EncoderDecoder
 from simple_nmt.precision import compute_dtype
-from simple_nmt.rewards import Reward, as_reward
+from simple_nmt.rewards import (
+    Reward,
+    after_eos,
+    as_reward,
+    checked_scores,
+    reward_inputs,
+    reward_label,
+    reward_name,
+    strip_eos,
+)
 from simple_nmt.search import exp, logsumexp, output_ids, select_state, special_ids
 from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, check_log_probs
 
 
-def after_eos(ids: torch.Tensor, eos: int = LIBRARY_IDS.eos) -> torch.Tensor:
-    """True at every position after the first EOS: |ids| = (n, length) -> (n, length) bool."""
-    is_eos = (ids == eos).long()
-    return (is_eos.cumsum(dim=1) - is_eos) > 0
-
-
-def strip_eos(ids: torch.Tensor, specials: SpecialIds = LIBRARY_IDS) -> torch.Tensor:
-    """The tokens before the first EOS, PAD elsewhere: what a reward scores."""
-    return ids.masked_fill(after_eos(ids, specials.eos) | (ids == specials.eos), specials.pad)
+def target_ids(batch: Mapping[str, torch.Tensor], specials: SpecialIds = LIBRARY_IDS) -> torch.Tensor:
+    """The references of a batch as a reward reads them: ``batch["tgt"]`` (BOS y EOS) without BOS, EOS and
+    what follows: |refs| = (batch_size, length + 1)."""
+    return strip_eos(batch["tgt"][:, 1:], specials)
 
 
 class _SelectedLogProbs(torch.autograd.Function):
@@ -318,16 +323,32 @@ def baseline_and_actors(rewards: torch.Tensor, kind: str, greedy_rewards: torch.
     raise ValueError(f"unknown baseline {kind!r}; known: mean, loo, greedy, none")
 
 
+@dataclass
+class Rollout:
+    """A batch's candidates and their scores, made without a graph by ``MinimumRiskTrainingEngine.rollout``:
+    what its ``loss`` needs. Source i's n candidates are rows i*n .. i*n + n - 1 of ``candidates`` and
+    row i of the (batch_size, n) tensors."""
+
+    candidates: torch.Tensor  # |candidates| = (batch_size * n, length): EOS-ended unless cut, then PAD
+    rewards: torch.Tensor  # |rewards| = (batch_size, n): the reward of each candidate
+    scores: torch.Tensor  # |scores| = (batch_size, n): the rewards, shaped by the KL penalty if on
+    actors: torch.Tensor  # |actors| = (n,): bool, the candidates that get a gradient
+    baselines: torch.Tensor  # |baselines| = (batch_size, n): what each candidate's score is compared with
+    log_ratio: torch.Tensor | None = None  # |log_ratio| = (batch_size, n): log P - log P_start (KL penalty)
+    greedy_scores: torch.Tensor | None = None  # |greedy_scores| = (batch_size,): the greedy baseline's scores
+
+
 class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
     """Fine-tunes a trained model with REINFORCE or minimum risk training.
 
-    Per batch: K + 1 samples of every source from ONE batched ``model.search``
-    without a graph; rewards of all samples at once; log P of the samples that
-    get a gradient by teacher forcing, one pass per group of similar lengths,
-    with the encoder run once per source where the model allows it
-    (``sequence_log_probs``). Only the loss and the validation score differ from
-    the MLE engine: accumulation, clipping, AMP, the non-finite guard, handlers
-    and checkpoints are the same.
+    A step is two extension points, each overridable alone: ``rollout`` (run without a
+    graph: K + 1 samples of every source from ONE batched ``model.search``, the rewards
+    of all of them at once, KL shaping, baselines) and ``loss`` (log P of the samples
+    that get a gradient by teacher forcing, one pass per group of similar lengths, with
+    the encoder run once per source where the model allows it, ``sequence_log_probs``;
+    the REINFORCE or MRT objective and the MLE mix). Only the loss and the validation
+    score differ from the MLE engine: accumulation, clipping, AMP, the non-finite guard,
+    handlers and checkpoints are the same.
 
     In a distributed run every rank samples and scores its own sources (the
     baseline needs no communication); ``search`` runs on the module itself and
@@ -341,8 +362,12 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             or one in ``DistributedDataParallel``.
         optimizer, config, scheduler, device, tgt_field: as for the MLE engine; ``config``
             also gives the ``rl_*`` options.
-        reward: a callable ``(hyps, refs) -> (batch_size,)`` on PAD-padded id tensors,
-            or a name from ``simple_nmt.rewards.REWARDS`` (default ``config.rl_reward``).
+        reward: a callable ``(hyps, refs) -> (rows,)`` on PAD-padded id tensors (hypotheses without
+            EOS), which may also take the keyword inputs of ``simple_nmt.rewards.REWARD_INPUTS``; or a
+            name, of ``simple_nmt.rewards.REWARDS`` or ``"module:function"`` (default ``config.rl_reward``).
+            See the ``reward`` property.
+        src_lines, tgt_lines: the raw lines of the training files, indexed by ``batch["index"]``: the
+            ``src_text`` and ``ref_text`` of a reward that takes them (the library's text rewards do).
     """
 
     metric_names = ("loss", "reward", "baseline", "advantage", "adv_std", "len_ratio", "no_eos", "|param|",
@@ -358,11 +383,18 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         device: torch.device | str = "cpu",
         tgt_field: TextField | None = None,
         reward: str | Reward | None = None,
+        src_lines: Sequence[str] | None = None,
+        tgt_lines: Sequence[str] | None = None,
     ):
         super().__init__(model, optimizer, config, scheduler, device, tgt_field)
-        decode = tgt_field.to_text if tgt_field is not None else None
-        self.reward = as_reward(reward or self.config.rl_reward, n_gram=self.config.rl_n_gram,
-                                pad_id=self.special_ids.pad, decode=decode)
+        if src_lines is not None and tgt_lines is not None and len(src_lines) != len(tgt_lines):
+            raise ValueError(f"{len(src_lines)} src_lines but {len(tgt_lines)} tgt_lines: they are the lines of "
+                             "parallel files")
+        self.src_lines, self.tgt_lines = src_lines, tgt_lines
+        if reward is None and self.config.rl_reward is None:
+            raise ValueError("no reward: config.rl_reward is None (the run's reward was given in Python, without "
+                             "an importable name); pass reward=")
+        self.reward = reward if reward is not None else self.config.rl_reward
         self._search_repeats_state = "n_samples" in inspect.signature(self.raw_model.search).parameters
         # DistributedDataParallel syncs buffers at every forward: the ranks must then run the
         # same number of forwards, so a model with buffers is re-scored in one forward
@@ -376,12 +408,47 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         if self.config.rl_n_best and not hasattr(self.raw_model, "batch_beam_search"):
             raise ValueError("--rl_n_best needs a model with batch_beam_search (EncoderDecoder's)")
 
+    @property
+    def reward(self) -> Reward:
+        """The reward, a callable ``(hyps, refs[, inputs]) -> (rows,)``.
+
+        Set it to a callable or a name (``get_reward``). Which keyword inputs of ``REWARD_INPUTS``
+        it gets is decided then, from its signature (``reward_inputs``); one that needs ``src_text``
+        without ``src_lines``, ``ref_text`` without ``tgt_lines`` or ``hyp_text`` without
+        ``tgt_field`` is refused. ``config.rl_reward`` becomes its name (``reward_name``, None for a
+        callable without an importable one), which checkpoints store, so that a resumed run rebuilds it.
+        Its output is checked at every call (shape, real values) and on its first batch for
+        non-finite scores (``checked_scores``).
+        """
+        return self._reward
+
+    @reward.setter
+    def reward(self, reward: str | Reward) -> None:
+        fn = as_reward(reward, n_gram=self.config.rl_n_gram, pad_id=self.special_ids.pad)
+        label = reward_label(reward)
+        needs = {"src_text": ("src_lines", self.src_lines, "the raw source lines of the training file"),
+                 "ref_text": ("tgt_lines", self.tgt_lines, "the raw target lines of the training file"),
+                 "hyp_text": ("tgt_field", self.tgt_field, "the target TextField, which turns ids into text")}
+        unavailable = {name: f"pass {arg}= to the engine ({what})" for name, (arg, value, what) in needs.items()
+                       if value is None}
+        self._reward_inputs = reward_inputs(fn, unavailable, label)
+        self._reward, self._reward_label, self._reward_checked = fn, label, False
+        self.config = self.config.replace(rl_reward=reward_name(reward))
+
     def resume(self, checkpoint: Mapping[str, Any], lr: float | None = None) -> None:
         """As the MLE engine's, and the KL penalty's start model where the checkpoint holds one (else the
         start model is the checkpoint's model)."""
         super().resume(checkpoint, lr)
         if self.reference is not None and "reference" in checkpoint:
             self.reference.load_state_dict(checkpoint["reference"])
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """As the MLE engine's, and with the KL penalty its frozen start model as ``reference``, so that a
+        resumed run keeps it."""
+        objects = super().checkpoint_objects()
+        if self.reference is not None:
+            objects["reference"] = self.reference
+        return objects
 
     def sample(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool = False,
                with_log_probs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -410,16 +477,23 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
                              "only; return (ids, log_probs) as EncoderDecoder.search does")
         return out[0], out[1]
 
+    def _sampled(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, is_greedy: bool,
+                 with_log_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``sample``'s ids and, with ``with_log_probs``, their log P (|log_p| = (batch_size * n,)), else None."""
+        if not with_log_probs:
+            return self.sample(src, src_lengths, n, is_greedy=is_greedy), None
+        ids, token_log_probs = self.sample(src, src_lengths, n, is_greedy=is_greedy, with_log_probs=True)
+        return ids, token_log_probs.float().sum(dim=1)
+
     def n_best(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``n`` hypotheses of a beam search of size ``n`` per source (eval mode, no graph), best first
         by log-probability, laid out as ``sample``'s: |ids| = (batch_size * n, length), EOS ended unless
         cut, then PAD; and their log-probabilities, |log_p| = (batch_size * n,)."""
-        limit = self.config.decoding_length
         with evaluating(self.raw_model):
-            hyps, log_p = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit,
+            hyps, log_p = self.raw_model.batch_beam_search(src, src_lengths, beam_size=n,
+                                                           max_length=self.config.decoding_length,
                                                            length_penalty=0.0, n_best=n)
-        eos, pad = self.special_ids.eos, self.special_ids.pad
-        ids = pad_batch([h + [eos] if len(h) < limit else h for per_source in hyps for h in per_source], pad)
+        ids = pad_batch([h for per_source in hyps for h in per_source], self.special_ids.pad)
         return ids.to(src.device), log_p.reshape(-1).float()
 
     def candidates(self, src: torch.Tensor, src_lengths: torch.Tensor, n: int, with_log_probs: bool = False
@@ -430,21 +504,16 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         Returns |ids| = (batch_size * m, length), the m candidates of source i in rows i*m .. i*m + m - 1,
         and with ``with_log_probs`` their log P from the searches, |log_p| = (batch_size * m,), else None.
         """
-        c, pad = self.config, self.special_ids.pad
-        log_p = None
-        if not c.rl_n_best_only:
-            if with_log_probs:
-                ids, token_log_probs = self.sample(src, src_lengths, n, with_log_probs=True)
-                log_p = token_log_probs.float().sum(dim=1)
-            else:
-                ids = self.sample(src, src_lengths, n)
-        if c.rl_n_best:
-            beams, beam_log_p = self.n_best(src, src_lengths, c.rl_n_best)
-            if c.rl_n_best_only:
-                return beams, beam_log_p if with_log_probs else None
-            ids = per_source_concat(ids, n, beams, c.rl_n_best, pad)
-            if with_log_probs:
-                log_p = torch.cat([log_p.view(src.size(0), n), beam_log_p.view(src.size(0), -1)], dim=1).view(-1)
+        c = self.config
+        if not c.rl_n_best:
+            return self._sampled(src, src_lengths, n, False, with_log_probs)
+        beams, beam_log_p = self.n_best(src, src_lengths, c.rl_n_best)
+        if c.rl_n_best_only:
+            return beams, beam_log_p if with_log_probs else None
+        ids, log_p = self._sampled(src, src_lengths, n, False, with_log_probs)
+        ids = per_source_concat(ids, n, beams, c.rl_n_best, self.special_ids.pad)
+        if with_log_probs:
+            log_p = torch.cat([log_p.view(src.size(0), n), beam_log_p.view(src.size(0), -1)], dim=1).view(-1)
         return ids, log_p
 
     def log_ratio(self, src: torch.Tensor, src_lengths: torch.Tensor, ids: torch.Tensor,
@@ -455,57 +524,104 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             start_log_p = sequence_log_probs(self.reference, src, src_lengths, ids)
         return log_p - start_log_p  # |log_ratio| = (len(ids),)
 
-    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """-(reward - baseline) * log P(sample) averaged over actors (or the MRT risk), plus the MLE mix.
+    def reward_kwargs(self, batch: Mapping[str, torch.Tensor], hyps: torch.Tensor) -> dict[str, Any]:
+        """The keyword inputs the reward takes, one entry per row of |hyps| = (batch_size * n, length),
+        the n rows of source i at i*n .. i*n + n - 1: ``src`` (|src| = (batch_size * n, src_length)),
+        ``index`` (|index| = (batch_size * n,), the line numbers of ``batch["index"]``), ``src_text`` and
+        ``ref_text`` (the raw lines at those numbers), ``hyp_text`` (``hyps`` turned into text)."""
+        wanted, n = self._reward_inputs, hyps.size(0) // batch["src"].size(0)
+        inputs: dict[str, Any] = {}
+        if "src" in wanted:
+            inputs["src"] = batch["src"].repeat_interleave(n, dim=0)
+        if wanted & {"index", "src_text", "ref_text"}:
+            if "index" not in batch:
+                raise ValueError(f"reward {self._reward_label} takes the examples' line numbers (index, src_text "
+                                 "or ref_text) but the batch has no 'index' (simple_nmt.data.collate makes it)")
+            index = batch["index"].repeat_interleave(n, dim=0)  # |index| = (batch_size * n,)
+            lines = index.tolist()
+            if "index" in wanted:
+                inputs["index"] = index
+            for name, texts in (("src_text", self.src_lines), ("ref_text", self.tgt_lines)):
+                if name in wanted:
+                    inputs[name] = [texts[i] for i in lines]
+        if "hyp_text" in wanted:
+            inputs["hyp_text"] = [self.tgt_field.to_text(h) for h in hyps.tolist()]
+        return inputs
 
-        With ``rl_kl_weight`` the rewards are first shaped by the log-ratio to the frozen start
-        model; with ``rl_n_best`` the beam's n-best list joins the candidates of the risk (or is
-        all of them, ``rl_n_best_only``), the beam's own log-probs entering the KL penalty; with
-        ``rl_adv_norm`` each source's advantages (risk: rewards) are divided by the standard
-        deviation of its candidates' rewards.
+    def score(self, batch: Mapping[str, torch.Tensor], ids: torch.Tensor, log_p: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rewards of outputs against their sources' references, shaped by the KL penalty.
+
+        Args:
+            ids: |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1,
+                EOS-ended (or cut), then PAD.
+            log_p: |log_p| = (batch_size * n,), their log P from the search, for the KL penalty (None: off).
+
+        Returns:
+            The rewards and the scores, |rewards| = |scores| = (batch_size, n) (the same tensor without
+            the KL penalty), and the log-ratio to the start model, (batch_size, n), or None.
+        """
+        batch_size = batch["src"].size(0)
+        hyps = strip_eos(ids, self.special_ids)  # |hyps| = (batch_size * n, length)
+        refs = target_ids(batch, self.special_ids).repeat_interleave(hyps.size(0) // batch_size, dim=0)
+        out = self.reward(hyps, refs, **self.reward_kwargs(batch, hyps))
+        rewards = checked_scores(out, hyps.size(0), self._reward_label, check_finite=not self._reward_checked)
+        self._reward_checked = True
+        rewards = rewards.view(batch_size, -1)
+        if log_p is None:
+            return rewards, rewards, None
+        log_ratio = self.log_ratio(batch["src"], batch["src_lengths"], ids, log_p).view(batch_size, -1)
+        return rewards, rewards - self.config.rl_kl_weight * log_ratio, log_ratio
+
+    def rollout(self, batch: Mapping[str, torch.Tensor]) -> Rollout:
+        """The candidates of every source and what the loss needs of them, without a graph (``compute_loss``
+        runs it under ``torch.no_grad()``): an extension point, overridable alone.
+
+        The candidates are K + 1 samples per source (``rl_n_samples``) and/or the n-best list of a beam
+        search (``rl_n_best``, ``rl_n_best_only``); their rewards, shaped by the log-ratio to the frozen
+        start model with ``rl_kl_weight``; the greedy output's score (``rl_baseline greedy``, shaped
+        the same way); which candidates get a gradient, and their baselines (MRT: all, baseline 0).
         """
         c = self.config
         src, src_lengths = batch["src"], batch["src_lengths"]
-        batch_size, n = src.size(0), c.rl_n_samples + 1
-        specials = self.special_ids
-        refs = strip_eos(batch["tgt"][:, 1:], specials)  # |refs| = (batch_size, length)
-
-        kl = c.rl_kl_weight > 0
-        samples, search_log_p = self.candidates(src, src_lengths, n, with_log_probs=kl)
-        n = samples.size(0) // batch_size  # |samples| = (batch_size * n, sample_length)
-        hyps = strip_eos(samples, specials)
-        rewards = self.reward(hyps, refs.repeat_interleave(n, dim=0)).float().view(batch_size, n)
-        scores, extra = rewards, {}
-        if kl:
-            log_ratio = self.log_ratio(src, src_lengths, samples, search_log_p).view(batch_size, n)
-            scores = rewards - c.rl_kl_weight * log_ratio  # |scores| = (batch_size, n)
-            extra["kl"] = float(log_ratio.mean())
+        kl = self.reference is not None
+        ids, log_p = self.candidates(src, src_lengths, c.rl_n_samples + 1, with_log_probs=kl)
+        rewards, scores, log_ratio = self.score(batch, ids, log_p)
+        n = scores.size(1)
+        if c.rl_objective == "mrt":
+            return Rollout(ids, rewards, scores, torch.ones(n, dtype=torch.bool, device=scores.device),
+                           torch.zeros_like(scores), log_ratio)
         greedy_scores = None
         if c.rl_baseline == "greedy":
-            if kl:  # the greedy output's score is shaped by its log-ratio, as the samples' are
-                greedy, greedy_log_probs = self.sample(src, src_lengths, 1, is_greedy=True, with_log_probs=True)
-                greedy_scores = self.reward(strip_eos(greedy, specials), refs).float()
-                greedy_log_p = greedy_log_probs.float().sum(dim=1)
-                greedy_scores -= c.rl_kl_weight * self.log_ratio(src, src_lengths, greedy, greedy_log_p)
-            else:
-                greedy = self.sample(src, src_lengths, 1, is_greedy=True)
-                greedy_scores = self.reward(strip_eos(greedy, specials), refs).float()
+            greedy, greedy_log_p = self._sampled(src, src_lengths, 1, True, kl)
+            greedy_scores = self.score(batch, greedy, greedy_log_p)[1].squeeze(1)
+        actors, baselines = baseline_and_actors(scores, c.rl_baseline, greedy_scores)
+        return Rollout(ids, rewards, scores, actors, baselines, log_ratio, greedy_scores)
 
-        mrt = c.rl_objective == "mrt"
-        if mrt:
-            actors, baselines = torch.ones(n, dtype=torch.bool, device=src.device), torch.zeros_like(scores)
-        else:
-            actors, baselines = baseline_and_actors(scores, c.rl_baseline, greedy_scores)
-        n_actors = int(actors.sum())
+    def loss(self, batch: Mapping[str, torch.Tensor], rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """The differentiable part of a step: an extension point, overridable alone.
+
+        log P of the actors by teacher forcing (``sequence_log_probs``), then -(score - baseline) * log P
+        averaged over the actors (REINFORCE) or the risk -E_Q[score] over each source's candidates (MRT,
+        Q the ``rl_mrt_alpha``-sharpened model distribution renormalised over them); with
+        ``rl_adv_norm`` each source's advantages (MRT: scores) are divided by the standard deviation of
+        its candidates' scores; plus ``rl_mle_weight`` times the MLE loss.
+
+        Returns:
+            The loss and the metrics of ``metric_names``.
+        """
+        c, specials = self.config, self.special_ids
+        batch_size, n = rollout.scores.shape
+        actors = rollout.actors
         rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
-        log_p = sequence_log_probs(self.model, src, src_lengths, samples[rows], bucket_ratio=self._bucket_ratio,
-                                   check_normalized=not self._log_probs_checked)
+        log_p = sequence_log_probs(self.model, batch["src"], batch["src_lengths"], rollout.candidates[rows],
+                                   bucket_ratio=self._bucket_ratio, check_normalized=not self._log_probs_checked)
         self._log_probs_checked = True
-        log_p = log_p.view(batch_size, n_actors)
-        advantage = (scores - baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
+        log_p = log_p.view(batch_size, -1)  # |log_p| = (batch_size, n_actors)
+        advantage = (rollout.scores - rollout.baselines)[:, actors]  # |advantage| = (batch_size, n_actors)
         if c.rl_adv_norm:
-            advantage = per_source_normalized(advantage, scores)
-        if mrt:
+            advantage = per_source_normalized(advantage, rollout.scores)
+        if c.rl_objective == "mrt":
             # risk = E_Q[-reward], Q the alpha-sharpened model distribution renormalised over the candidates;
             # every candidate is an actor with baseline 0, so its advantage is its (shaped, normalised) reward
             q = (c.rl_mrt_alpha * log_p).softmax(dim=1)
@@ -515,18 +631,26 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         if c.rl_mle_weight > 0:
             loss = loss + c.rl_mle_weight * super().compute_loss(batch)[0]
 
-        sample_lengths = (hyps != specials.pad).sum(dim=1).float()
-        ref_lengths = (refs != specials.pad).sum(dim=1).float().repeat_interleave(n)
-        return loss, {
+        output_lengths = (strip_eos(rollout.candidates, specials) != specials.pad).sum(dim=1).float()
+        ref_lengths = (target_ids(batch, specials) != specials.pad).sum(dim=1).float().repeat_interleave(n)
+        metrics = {
             "loss": float(loss.detach()),
-            "reward": float(rewards[:, actors].mean()),
-            "baseline": float(baselines[:, actors].mean()),
+            "reward": float(rollout.rewards[:, actors].mean()),
+            "baseline": float(rollout.baselines[:, actors].mean()),
             "advantage": float(advantage.mean()),
             "adv_std": float(advantage.std(correction=0)),
-            "len_ratio": float(sample_lengths.sum() / ref_lengths.sum().clamp(min=1)),
-            "no_eos": float((~(samples == specials.eos).any(dim=1)).float().mean()),
-            **extra,
+            "len_ratio": float(output_lengths.sum() / ref_lengths.sum().clamp(min=1)),
+            "no_eos": float((~(rollout.candidates == specials.eos).any(dim=1)).float().mean()),
         }
+        if rollout.log_ratio is not None:
+            metrics["kl"] = float(rollout.log_ratio.mean())
+        return loss, metrics
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The RL objective of a batch: ``rollout`` without a graph, then ``loss``."""
+        with torch.no_grad():
+            rollout = self.rollout(batch)
+        return self.loss(batch, rollout)
 
     def validation_score(self, metrics: Mapping[str, float]) -> float:
         """Validation corpus BLEU (sacrebleu, greedy output): what RL is meant to raise."""

@@ -12,13 +12,13 @@ they need the log-probs of the tokens they pick only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from simple_nmt.data import LIBRARY_IDS, SpecialIds, content_ids
+from simple_nmt.data import LIBRARY_IDS, SpecialIds
 
 State = Any
 
@@ -96,6 +96,18 @@ def special_ids(model: torch.nn.Module) -> SpecialIds:
 def output_ids(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The ids of a ``search`` output: ``search`` returns (ids, log_probs), a research model's may return ids only."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def hypothesis(ids: Sequence[int], specials: SpecialIds = LIBRARY_IDS) -> list[int]:
+    """An output row as an id list, as ``search``'s rows read without their PAD: the tokens up to and
+    including the first EOS (none where the output was cut at the length limit), PAD left out."""
+    out = []
+    for i in ids:
+        if i == specials.eos:
+            return [*out, i]
+        if i != specials.pad:
+            out.append(i)
+    return out
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -386,8 +398,9 @@ def beam_search(
         n_best: hypotheses returned per source (at most ``beam_size``).
 
     Returns:
-        For each source, its ``n_best`` hypotheses as id lists (without EOS),
-        best first, and their scores, |scores| = (batch_size, n_best).
+        For each source, its ``n_best`` hypotheses as id lists, best first, each
+        ending with EOS unless it was cut at the length limit (as ``sample_search``'s
+        rows, without their PAD), and their scores, |scores| = (batch_size, n_best).
     """
     batch_size, k, device = src.size(0), beam_size, src.device
     specials = special_ids(model)
@@ -447,6 +460,6 @@ def beam_search(
     chosen = seqs.view(batch_size, k, -1).gather(
         1, top[:, :, None].expand(-1, -1, seqs.size(1))
     ).tolist()
-    hyps = [[content_ids(h, specials) for h in per_source] for per_source in chosen]
+    hyps = [[hypothesis(h, specials) for h in per_source] for per_source in chosen]
     return hyps, top_scores
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import signal
 import sys
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sized
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,18 @@ from simple_nmt.checkpoint import AtomicSaver, save_checkpoint
 from simple_nmt.config import Config, as_config
 from simple_nmt.data import LIBRARY_IDS, SpecialIds, TextField
 from simple_nmt.distributed import is_main_process
+from simple_nmt.hf import HuggingFaceModel
 from simple_nmt.precision import resolve_precision
 from simple_nmt.search import output_ids, special_ids
 
 # the trainer state's counters of non-finite updates: in a row, and in all
 SKIP_COUNTERS = ("n_bad_steps", "n_skipped_steps")
+
+# the optimizers of --optimizer, and hyperparameters every state dict of each holds (a resume checks them)
+OPTIMIZER_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                     "radam": torch.optim.RAdam}
+OPTIMIZER_KEYS = {"sgd": {"momentum", "nesterov"}, "adam": {"betas", "eps"}, "adamw": {"betas", "eps"},
+                  "radam": {"betas", "eps"}}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +90,8 @@ class MaximumLikelihoodEstimationEngine(Engine):
     ):
         super().__init__(type(self).train_step)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.config, self.device, self.tgt_field = as_config(config), torch.device(device), tgt_field
+        self.config = recorded_config(as_config(config), optimizer, scheduler, self.phase)
+        self.device, self.tgt_field = torch.device(device), tgt_field
         self.precision = resolve_precision(self.config.precision, self.device)
         self.scaler = self.precision.grad_scaler()
         # the counters of non-finite updates are saved with the trainer state and resumed
@@ -93,6 +102,12 @@ class MaximumLikelihoodEstimationEngine(Engine):
         self.state.grad_norm = 0.0
         self.state.param_norm = parameter_norm(self.raw_model)
         self._log_probs_checked = False
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """What this engine's checkpoints hold, name -> object with ``state_dict``: the model (without a
+        DDP wrapper), optimizer, scheduler, loss scaler and trainer state. A subclass adds its own state."""
+        return {"model": self.raw_model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler, "trainer": self}
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -133,6 +148,8 @@ class MaximumLikelihoodEstimationEngine(Engine):
         """One iteration: forward, backward, and every ``iteration_per_update`` iterations an update."""
         self.model.train()
         batch = self.to_device(batch)
+        if self.state.iteration == 1:
+            check_batch(batch, self.special_ids)
         iteration_per_update = self.config.iteration_per_update
         is_update = self.state.iteration % iteration_per_update == 0
         distributed = isinstance(self.model, DistributedDataParallel)
@@ -174,6 +191,7 @@ class MaximumLikelihoodEstimationEngine(Engine):
             for i, group in enumerate(self.optimizer.param_groups):
                 group["lr"] *= lr / self.scheduler.base_lrs[i]
                 group["initial_lr"] = self.scheduler.base_lrs[i] = lr
+            # torch has no public setter: get_last_lr() would give the unscaled rates until the next step
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _gradient_sync(self, is_update: bool) -> AbstractContextManager:
@@ -224,6 +242,9 @@ class MaximumLikelihoodEstimationEngine(Engine):
             loader: validation batches; each carries ``index``, the examples' positions.
             references: detokenized reference lines, in dataset order.
         """
+        if self.tgt_field is None:
+            raise ValueError(f"validate: {type(self).__name__} has no tgt_field to read output text with: "
+                             "construct the engine with tgt_field=")
         model = self.raw_model  # no DDP: ranks may have different numbers of batches
         model.eval()
         total_nll, total_tokens = 0.0, 0
@@ -243,8 +264,38 @@ class MaximumLikelihoodEstimationEngine(Engine):
         hyps = {i: text for s in shares for i, text in s[2].items()}
         loss = total_nll / max(total_tokens, 1)
         # force: pre-tokenized corpora are scored as they are, without sacrebleu's warning each epoch
+        if hyps.keys() != set(range(len(references))):
+            raise ValueError(f"validate: {len(references)} references for the {len(hyps)} examples whose index "
+                             f"runs {min(hyps, default=0)}..{max(hyps, default=-1)}: give one reference per "
+                             "validation example, in the order of their index")
         bleu = sacrebleu.corpus_bleu([hyps[i] for i in range(len(references))], [references], force=True).score
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 100.0)), "valid_bleu": bleu}
+
+
+def recorded_config(config: Config, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, phase: str) -> Config:
+    """``config`` as the engine of ``phase`` runs it, for its checkpoints: the optimizer's kind and peak
+    learning rate (``lr``, or ``rl_lr`` in RL) are the optimizer's.
+
+    Raises:
+        ValueError: a config value the engine would not apply: a learning rate other than the optimizer's,
+            or a warm-up or decay schedule without a scheduler.
+    """
+    kind = next((name for name, cls in OPTIMIZER_CLASSES.items() if type(optimizer) is cls), None)
+    group = optimizer.param_groups[0]
+    peak = float(group.get("initial_lr", group["lr"]))  # a scheduler's first rate is the peak it scales
+    name = "rl_lr" if phase == "rl" else "lr"
+    given = getattr(config, name)
+    if given is not None and not math.isclose(given, peak, rel_tol=1e-6):
+        raise ValueError(f"config {name}={given:g} but the optimizer's learning rate is {peak:g}: the "
+                         f"optimizer's is the one used; leave {name} out or build the optimizer with it")
+    schedule = {"rl_warmup_steps": config.rl_warmup_steps} if phase == "rl" else {
+        "warmup_steps": config.warmup_steps, "lr_step": config.lr_step}
+    unused = [f"{k}={v}" for k, v in schedule.items() if v and scheduler is None]
+    if unused:
+        raise ValueError(f"config {', '.join(unused)} needs a scheduler: pass scheduler=build_scheduler(optimizer, "
+                         f"config, updates_per_epoch{', phase=' + repr(phase) if phase == 'rl' else ''})")
+    return config.replace(**{name: peak}, **({"optimizer": kind} if kind else {}))
 
 
 def token_losses(
@@ -272,16 +323,15 @@ def token_losses(
 def build_optimizer(
     model: torch.nn.Module, config: Config | Mapping[str, Any], lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW / RAdam from torch, chosen by ``config.optimizer``.
+    """SGD / Adam / AdamW / RAdam from torch, chosen by ``config.optimizer``, over the trainable parameters.
 
     Args:
         lr: the learning rate; by default the MLE phase's (``config.learning_rate("mle")``).
     """
     config = as_config(config)
     lr = config.learning_rate("mle") if lr is None else lr
-    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
     kwargs = {} if config.optimizer == "sgd" else {"betas": (0.9, 0.98)}
-    return classes[config.optimizer](model.parameters(), lr=lr, **kwargs)
+    return OPTIMIZER_CLASSES[config.optimizer]([p for p in model.parameters() if p.requires_grad], lr=lr, **kwargs)
 
 
 def build_scheduler(
@@ -319,6 +369,15 @@ def parameter_norm(model: torch.nn.Module) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+def check_batch(batch: Mapping[str, torch.Tensor], ids: SpecialIds) -> None:
+    """Raise ``ValueError`` unless the batch's targets start with the model's BOS (``collate`` with the
+    model's special ids): a batch collated with another vocabulary's ids would train on the wrong tokens."""
+    first = batch["tgt"][:, 0]  # |first| = (batch_size,)
+    if first.numel() and not bool((first == ids.bos).all()):
+        raise ValueError(f"the batch's targets start with id {int(first[0])}, not the model's BOS {ids.bos}: "
+                         "collate with the model's special ids, collate(examples, special_ids(model))")
+
+
 def check_log_probs(log_probs: torch.Tensor) -> None:
     """Raise ``ValueError`` unless every row of |log_probs| = (..., vocab_size) log-sum-exps to 0.
 
@@ -353,15 +412,18 @@ class RunInfo:
     """The plain data a checkpoint carries beside the state dicts: config, phase, vocabularies, tokenizers,
     and what the model adds (``model.checkpoint_meta()``: a Hugging Face model's config and tokenizer files)."""
 
-    def __init__(self, config: Config, phase: str, src_field: TextField, tgt_field: TextField,
+    def __init__(self, engine: MaximumLikelihoodEstimationEngine, src_field: TextField, tgt_field: TextField,
                  extra: Mapping[str, Any] | None = None):
-        self.config, self.phase, self.src_field, self.tgt_field = config, phase, src_field, tgt_field
+        self.engine, self.src_field, self.tgt_field = engine, src_field, tgt_field
         self.extra = dict(extra or {})
 
     def state_dict(self) -> dict[str, Any]:
+        """The engine's config as it runs (``engine.config``, with the phase), the fields, and the names of the
+        parameters that do not train (restored frozen, so that an optimizer over the others resumes)."""
         (src_vocab, src_spm), (tgt_vocab, tgt_spm) = self.src_field.stored(), self.tgt_field.stored()
-        return {"config": {**self.config.to_dict(), "phase": self.phase}, "src_vocab": src_vocab,
-                "tgt_vocab": tgt_vocab, "src_spm": src_spm, "tgt_spm": tgt_spm, **self.extra}
+        frozen = [name for name, p in self.engine.raw_model.named_parameters() if not p.requires_grad]
+        return {"config": {**self.engine.config.to_dict(), "phase": self.engine.phase}, "src_vocab": src_vocab,
+                "tgt_vocab": tgt_vocab, "src_spm": src_spm, "tgt_spm": tgt_spm, "frozen": frozen, **self.extra}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Nothing to restore: the fields are rebuilt from the checkpoint by the CLI."""
@@ -407,20 +469,26 @@ def attach_handlers(
         ``run_until_done_or_interrupted``), the best-checkpoint handler as ``best_checkpointer``.
     """
     config = as_config(config)
+    if engine.tgt_field is None:
+        raise ValueError(f"attach_handlers: {type(engine).__name__} has no tgt_field, which validation BLEU "
+                         "reads output text with: construct the engine with tgt_field=")
+    n_valid = len(valid_loader.dataset) if isinstance(getattr(valid_loader, "dataset", None), Sized) else None
+    if n_valid is not None and n_valid != len(valid_references):
+        raise ValueError(f"attach_handlers: valid_references has {len(valid_references)} lines for "
+                         f"{n_valid} validation examples; give one reference line per example, in order")
     if engine.scheduler is None:  # a constant rate, so that the checkpoints resume like the CLI's
         engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda _: 1.0)
-    model_meta = getattr(engine.raw_model, "checkpoint_meta", None)
-    to_save = {"model": engine.raw_model, "optimizer": engine.optimizer, "scheduler": engine.scheduler,
-               "scaler": engine.scaler, "trainer": engine, "rng": RandomState(),
-               "meta": RunInfo(config, engine.phase, *fields, extra=model_meta() if model_meta else None)}
-    if getattr(engine, "reference", None) is not None:  # the RL engine's frozen start model (KL penalty)
-        to_save["reference"] = engine.reference
+    hf = isinstance(engine.raw_model, HuggingFaceModel)
+    to_save = {**engine.checkpoint_objects(), "rng": RandomState(),
+               "meta": RunInfo(engine, *fields, extra=engine.raw_model.checkpoint_meta() if hf else None)}
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: on_epoch_start(e.state.epoch))
     for name in engine.metric_names:
         RunningAverage(output_transform=lambda out, name=name: out[name], alpha=0.98).attach(engine, name)
     verbose = config.verbose if is_main_process() else 0
-    if verbose >= 2:
+    if verbose >= 2 and sys.stderr.isatty():
         ProgressBar(bar_format=None, file=sys.stderr).attach(engine, metric_names=list(engine.metric_names))
+    elif verbose >= 2:  # a log file (nohup, a pipe): a plain line at a steady interval, not tqdm's updates
+        _attach_progress_lines(engine, log)
 
     @engine.on(Events.EPOCH_COMPLETED)
     def run_validation(engine: MaximumLikelihoodEstimationEngine) -> None:
@@ -449,7 +517,7 @@ def attach_handlers(
                              filename_pattern="{filename_prefix}.epoch{global_step}.pth",
                              global_step_transform=lambda e, _: e.state.epoch)
     engine.add_event_handler(Events.EPOCH_COMPLETED, best)
-    if hasattr(engine.raw_model, "save_pretrained") and is_main_process():
+    if hf and is_main_process():
         _attach_save_pretrained(engine, best, path.with_name(f"{stem}.hf"), log)
     engine.add_event_handler(Events.EPOCH_COMPLETED, every_epoch)
     if config.early_stop > 0:
@@ -517,16 +585,39 @@ def run_until_done_or_interrupted(
 def _attach_save_pretrained(engine: Engine, best: Checkpoint, folder: Path, log: Callable[[str], None]) -> None:
     """After each epoch whose weights became the best checkpoint, also write them with the model's
     ``save_pretrained`` (a Hugging Face model's: ``transformers`` loads the folder back)."""
-    written = [best._saved[-1].priority if best._saved else None]
+    def best_score() -> float | None:
+        saved = best.state_dict()["_saved"]  # [(score, file name)], the best last
+        return saved[-1][0] if saved else None
+
+    written = [best_score()]
 
     def write(engine: Engine) -> None:
-        score = best._saved[-1].priority if best._saved else None
+        score = best_score()
         if score is not None and score != written[0]:
             engine.raw_model.save_pretrained(folder)
             written[0] = score
             log(f"{folder}: the best weights, with save_pretrained")
 
     engine.add_event_handler(Events.EPOCH_COMPLETED, write)
+
+
+PROGRESS_INTERVAL_S = 60.0  # seconds between two progress lines when stderr is not a terminal
+
+
+def _attach_progress_lines(engine: MaximumLikelihoodEstimationEngine, log: Callable[[str], None]) -> None:
+    """Every ``PROGRESS_INTERVAL_S`` seconds, a line with the epoch, the iteration and the running averages."""
+    last = [time.monotonic()]
+
+    def write(engine: MaximumLikelihoodEstimationEngine) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL_S:
+            last[0] = now
+            done = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+            shown = " ".join(f"{k}={engine.state.metrics[k]:.4g}" for k in engine.metric_names
+                             if k in engine.state.metrics)
+            log(f"epoch {engine.state.epoch} [{done}/{engine.state.epoch_length}]: {shown}")
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, write)
 
 
 def _attach_tensorboard(engine: MaximumLikelihoodEstimationEngine, log_dir: str) -> None:

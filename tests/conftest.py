@@ -23,6 +23,18 @@ def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("toy"), {"train": 600, "valid": 40, "test": 40}, seed=3)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(toy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Transformer trained by train.py for two epochs on the toy corpus (Adam)."""
+    from simple_nmt import cli
+
+    model_fn = tmp_path_factory.mktemp("tiny") / "mle.pth"
+    run_main(cli.main_train, "--model_fn", str(model_fn), "--train", str(toy_dir / "train"), "--valid",
+             str(toy_dir / "valid"), "--max_length", "30", "--verbose", "0", "--optimizer", "adam", "--lr", "3e-3",
+             "--n_epochs", "2", *TINY_TRANSFORMER)
+    return model_fn
+
+
 # tiny model sizes, as config entries (engine tests) and as command-line options (script tests)
 TINY = {
     "transformer": {"use_transformer": True, "hidden_size": 32, "n_layers": 1, "n_splits": 2, "dropout": 0.0},
@@ -85,3 +97,26 @@ def run_in_process(script: str, *args: str, stdin: str | None = None, check: boo
              "average_checkpoints.py": cli.main_average}
     return run_main(mains[script], *args, stdin=stdin, check=check)
 
+
+def toy_data(toy_dir: Path, n_train: int = 200):
+    """Whitespace fields built from the toy corpus, loaders of its first ``n_train`` training pairs (batches
+    of 50) and of its validation pairs (batches of 20), and the validation references."""
+    from torch.utils.data import DataLoader
+
+    from simple_nmt.data import ParallelDataset, TextField, Tokenizer, Vocab, collate, read_parallel
+
+    src, tgt, _ = read_parallel(str(toy_dir / "train"), "ende")
+    fields = tuple(TextField(Tokenizer(), Vocab.build([line.split() for line in lines])) for lines in (src, tgt))
+    train = ParallelDataset([fields[0].to_ids(x) for x in src[:n_train]], [fields[1].to_ids(y) for y in tgt[:n_train]])
+    v_src, v_tgt, _ = read_parallel(str(toy_dir / "valid"), "ende")
+    valid = ParallelDataset([fields[0].to_ids(x) for x in v_src], [fields[1].to_ids(y) for y in v_tgt])
+    return fields, DataLoader(train, batch_size=50, collate_fn=collate), DataLoader(valid, batch_size=20,
+                                                                                      collate_fn=collate), v_tgt
+
+
+def with_handlers(engine, config, fields, valid_loader, references, model_fn, log=lambda _: None):
+    """``attach_handlers`` as a research script calls it, checkpoints to ``model_fn``, quiet unless ``log``."""
+    from simple_nmt.trainer import attach_handlers
+
+    return attach_handlers(engine, config, on_epoch_start=lambda epoch: None, valid_loader=valid_loader,
+                           valid_references=references, fields=fields, model_fn=str(model_fn), log=log)

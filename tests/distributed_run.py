@@ -15,12 +15,12 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 
-from simple_nmt import cli
+from simple_nmt import cli, runs
 
 
 def main() -> None:
     out_dir, script, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    fit = cli.fit
+    fit = runs.fit
 
     def fit_and_save(engine_class, *args, **kwargs):
         engine = fit(engine_class, *args, **kwargs)
@@ -28,7 +28,7 @@ def main() -> None:
                    out_dir / f"{engine_class.phase}.rank{idist.get_rank()}.pth")
         return engine
 
-    cli.fit = fit_and_save
+    runs.fit = fit_and_save
     {"train": cli.main_train, "continue": cli.main_continue}[script](argv)
 
 

@@ -77,6 +77,13 @@ def test_dataset_drops_long_pairs_and_counts_them():
     assert len(ds) == 1 and ds.n_dropped == 2 and ds[0] == (0, [5], [6, 6, 6])
 
 
+def test_an_example_keeps_its_line_number_when_longer_pairs_before_it_are_dropped():
+    ds = ParallelDataset([[5] * 4, [5], [5] * 9, [5, 5]], [[6], [6], [6], [6]], max_length=3)
+    assert [ds[i][0] for i in range(len(ds))] == [1, 3]
+    with pytest.raises(ValueError, match="3 sources but 2 targets"):
+        ParallelDataset([[5], [5], [5]], [[6], [6]])
+
+
 def test_collate_pads_and_wraps_target():
     batch = collate([(7, [4, 5], [6]), (8, [4], [6, 7])])
     assert batch["index"].tolist() == [7, 8]

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_TRANSFORMER, run_main
 from test_trainer import tiny_setup
 
-from simple_nmt import cli, precision
+from simple_nmt import cli, loading, options, precision
 from simple_nmt.config import Config, TranslateOptions, config_from_checkpoint
 from simple_nmt.data import collate
 from simple_nmt.precision import PrecisionWarning, compute_dtype, lstm_precision, resolve_precision
@@ -99,8 +99,8 @@ def test_auto_is_fp32_on_cpu_and_off_autocast_is_fp32():
     assert resolve_precision("auto", "cpu").dtype is None
     assert not resolve_precision("fp32", "cpu").grad_scaler().is_enabled()
     assert Config.from_dict({}).precision == "auto"
-    assert vars(cli.train_parser().parse_args(["--model_fn", "m.pth", "--off_autocast"]))["precision"] == "fp32"
-    assert vars(cli.translate_parser().parse_args(["--model_fn", "m.pth", "--precision", "bf16"]))[
+    assert vars(options.train_parser().parse_args(["--model_fn", "m.pth", "--off_autocast"]))["precision"] == "fp32"
+    assert vars(options.translate_parser().parse_args(["--model_fn", "m.pth", "--precision", "bf16"]))[
         "precision"] == "bf16"
     # a checkpoint of an earlier version stored off_autocast: it loads, and precision is this run's
     assert "off_autocast" not in config_from_checkpoint({"off_autocast": True, "hidden_size": 8})
@@ -139,13 +139,13 @@ def test_a_cpu_without_native_bf16_gets_a_one_line_warning_once_per_run(bf16_run
 
 def test_translate_decodes_under_the_precision_it_is_given(bf16_run, monkeypatch):
     seen = []
-    translate_lines = cli.translate_lines
+    translate_lines = loading.translate_lines
 
     def recording(*args, **kwargs):
         seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         return translate_lines(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "translate_lines", recording)
+    monkeypatch.setattr(loading, "translate_lines", recording)
     outputs = [run_main(cli.main_translate, "--model_fn", str(bf16_run[0]), "--precision", name,
                         stdin="the dog sees a cat\n").stdout for name in ("bf16", "fp32", "auto")]
     assert seen == [torch.bfloat16, None, None] and all(len(out.splitlines()) == 1 for out in outputs)

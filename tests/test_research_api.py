@@ -5,35 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, run_main
-from torch.utils.data import DataLoader
+from conftest import TINY, run_main, toy_data, with_handlers
 
 from simple_nmt import cli
 from simple_nmt.checkpoint import load_checkpoint
-from simple_nmt.cli import default_config
-from simple_nmt.data import ParallelDataset, TextField, Tokenizer, Vocab, collate, read_parallel
+from simple_nmt.config import default_config
 from simple_nmt.models import Transformer, build_model
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
-from simple_nmt.trainer import MaximumLikelihoodEstimationEngine, attach_handlers
-
-
-def data(toy_dir, n_train=200):
-    src, tgt, _ = read_parallel(str(toy_dir / "train"), "ende")
-    fields = tuple(TextField(Tokenizer(), Vocab.build([line.split() for line in lines])) for lines in (src, tgt))
-    train = ParallelDataset([fields[0].to_ids(x) for x in src[:n_train]], [fields[1].to_ids(y) for y in tgt[:n_train]])
-    v_src, v_tgt, _ = read_parallel(str(toy_dir / "valid"), "ende")
-    valid = ParallelDataset([fields[0].to_ids(x) for x in v_src], [fields[1].to_ids(y) for y in v_tgt])
-    return fields, DataLoader(train, batch_size=50, collate_fn=collate), DataLoader(valid, batch_size=20,
-                                                                                      collate_fn=collate), v_tgt
-
-
-def with_handlers(engine, config, fields, valid_loader, references, model_fn):
-    return attach_handlers(engine, config, on_epoch_start=lambda epoch: None, valid_loader=valid_loader,
-                           valid_references=references, fields=fields, model_fn=str(model_fn), log=lambda _: None)
+from simple_nmt.trainer import MaximumLikelihoodEstimationEngine
 
 
 def test_handlers_write_checkpoints_that_the_scripts_resume_and_translate(toy_dir, tmp_path):
-    fields, train, valid, references = data(toy_dir)
+    fields, train, valid, references = toy_data(toy_dir)
     config = default_config(**TINY["transformer"], optimizer="adam", verbose=0, max_length=30,
                             train=str(toy_dir / "train"), valid=str(toy_dir / "valid"))
     model = build_model(config, len(fields[0].vocab), len(fields[1].vocab))
@@ -59,7 +42,7 @@ class IdsOnlySearch(Transformer):
 
 @pytest.mark.parametrize("engine_class", [MaximumLikelihoodEstimationEngine, MinimumRiskTrainingEngine])
 def test_a_search_that_returns_ids_only_trains_and_validates(toy_dir, tmp_path, engine_class):
-    fields, train, valid, references = data(toy_dir, n_train=100)
+    fields, train, valid, references = toy_data(toy_dir, n_train=100)
     config = default_config(verbose=0, max_length=30, rl_n_samples=2)
     model = IdsOnlySearch(len(fields[0].vocab), len(fields[1].vocab), hidden_size=32, n_splits=2, n_layers=1)
     engine = engine_class(model, torch.optim.Adam(model.parameters(), lr=1e-3), config, tgt_field=fields[1])
@@ -69,7 +52,7 @@ def test_a_search_that_returns_ids_only_trains_and_validates(toy_dir, tmp_path, 
 
 
 def test_the_rl_step_reports_its_loss_and_the_spread_of_the_advantages(toy_dir):
-    fields, train, _, _ = data(toy_dir, n_train=50)
+    fields, train, _, _ = toy_data(toy_dir, n_train=50)
     config = default_config(**TINY["seq2seq"], max_length=20, rl_n_samples=3, rl_baseline="loo")
     model = build_model(config, len(fields[0].vocab), len(fields[1].vocab))
     engine = MinimumRiskTrainingEngine(model, torch.optim.SGD(model.parameters(), lr=1e-3), config)
@@ -98,7 +81,7 @@ class LogitsForward(Transformer):
 
 @pytest.mark.parametrize("engine_class", [MaximumLikelihoodEstimationEngine, MinimumRiskTrainingEngine])
 def test_a_forward_that_returns_logits_is_refused(toy_dir, engine_class):
-    fields, train, _, _ = data(toy_dir, n_train=50)
+    fields, train, _, _ = toy_data(toy_dir, n_train=50)
     model = LogitsForward(len(fields[0].vocab), len(fields[1].vocab), hidden_size=32, n_splits=2, n_layers=1)
     engine = engine_class(model, torch.optim.SGD(model.parameters(), lr=1e-3), {"max_length": 20})
     with pytest.raises(ValueError, match="did not return log-probabilities"):
@@ -116,7 +99,7 @@ class PoisonedEngine(MaximumLikelihoodEstimationEngine):
 
 
 def test_a_skipped_first_update_and_the_skip_counters_survive_handlers_and_resume(toy_dir, tmp_path):
-    fields, train, valid, references = data(toy_dir)  # 4 batches an epoch
+    fields, train, valid, references = toy_data(toy_dir)  # 4 batches an epoch
     config = default_config(**TINY["transformer"], verbose=2, max_length=30)
     model = build_model(config, len(fields[0].vocab), len(fields[1].vocab))
     engine = PoisonedEngine(model, torch.optim.Adam(model.parameters(), lr=1e-3), config, tgt_field=fields[1])

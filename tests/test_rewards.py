@@ -1,4 +1,4 @@
-"""Rewards: parity with sacrebleu / nltk, edge cases, devices, registry."""
+"""Rewards: parity with sacrebleu / nltk, edge cases, devices, registry, inputs, scoring candidates."""
 
 from __future__ import annotations
 
@@ -10,13 +10,23 @@ import sacrebleu
 import torch
 from nltk.translate.gleu_score import sentence_gleu as nltk_gleu
 
+from simple_nmt.data import EOS, SpecialIds
 from simple_nmt.rewards import (
+    REWARD_INPUTS,
     REWARDS,
     SacreBLEUReward,
+    after_eos,
     as_reward,
+    checked_scores,
     get_reward,
+    import_reward,
+    reward_inputs,
+    reward_label,
+    reward_name,
+    score_candidates,
     sentence_bleu,
     sentence_gleu,
+    strip_eos,
 )
 
 PAD = 0
@@ -382,34 +392,33 @@ def _text_batch():
     return hyps, refs, _pad(hyps, 21), _pad(refs, 22)
 
 
-def test_sacrebleu_reward_bleu():
+def _texts(hyps: list[list[int]], refs: list[list[int]]) -> dict[str, list[str]]:
+    return {"hyp_text": [_decode(h) for h in hyps], "ref_text": [_decode(r) for r in refs]}
+
+
+@pytest.mark.parametrize("name, metric, score", [("sacrebleu", "bleu", sacrebleu.sentence_bleu),
+                                                  ("chrf", "chrf", sacrebleu.sentence_chrf)])
+def test_sacrebleu_rewards_score_the_texts_they_are_given(name, metric, score):
     hyps, refs, h, r = _text_batch()
-    expected = [sacrebleu.sentence_bleu(_decode(a), [_decode(b)]).score for a, b in zip(hyps, refs)]
-    out = SacreBLEUReward(_decode, metric="bleu", pad_id=PAD)(h, r)
+    expected = torch.tensor([score(_decode(a), [_decode(b)]).score for a, b in zip(hyps, refs)], dtype=torch.float64)
+    out = SacreBLEUReward(metric)(h, r, **_texts(hyps, refs))
     assert out.shape == (len(hyps),) and out.dtype == torch.float32
-    _close(out, torch.tensor(expected, dtype=torch.float64))
-    _close(
-        get_reward("sacrebleu", decode=_decode)(h, r),
-        torch.tensor(expected, dtype=torch.float64),
-    )
+    _close(out, expected)
+    reward = get_reward(name)
+    assert reward_inputs(reward) == {"hyp_text", "ref_text"}  # a text reward: the engine gives it the texts
+    _close(reward(h, r, **_texts(hyps, refs)), expected)
+    # the texts are what is scored, not the ids: each reference against itself
+    ref_text = _texts(hyps, refs)["ref_text"]
+    same = reward(h, r, hyp_text=ref_text, ref_text=ref_text)
+    assert same[[bool(line) for line in ref_text]].tolist() == pytest.approx([100.0] * sum(map(bool, ref_text)))
 
 
-def test_sacrebleu_reward_chrf():
-    hyps, refs, h, r = _text_batch()
-    expected = [sacrebleu.sentence_chrf(_decode(a), [_decode(b)]).score for a, b in zip(hyps, refs)]
-    _close(
-        SacreBLEUReward(_decode, metric="chrf")(h, r),
-        torch.tensor(expected, dtype=torch.float64),
-    )
-    _close(
-        get_reward("chrf", decode=_decode)(h, r),
-        torch.tensor(expected, dtype=torch.float64),
-    )
-
-
-def test_sacrebleu_reward_unknown_metric():
+def test_sacrebleu_reward_errors():
     with pytest.raises(ValueError, match="unknown metric"):
-        SacreBLEUReward(_decode, metric="ter")
+        SacreBLEUReward(metric="ter")
+    h = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="2 rows but 1 hypothesis and 2 reference texts"):
+        SacreBLEUReward()(h, h, hyp_text=["a"], ref_text=["a", "b"])
 
 
 def test_get_reward_names(pairs):
@@ -422,15 +431,194 @@ def test_get_reward_names(pairs):
     h1, r1 = h.masked_fill(h == PAD, 99), r.masked_fill(r == PAD, 99)
     torch.testing.assert_close(get_reward("bleu", pad_id=99)(h1, r1), sentence_bleu(h, r, PAD))
     for name in REWARDS:
-        assert callable(get_reward(name, decode=_decode))
+        assert callable(get_reward(name))
 
 
 def test_get_reward_errors():
     with pytest.raises(ValueError, match="unknown reward 'rouge'; known: bleu, gleu, chrf, sacrebleu"):
         get_reward("rouge")
-    for name in ("chrf", "sacrebleu"):
-        with pytest.raises(ValueError, match="decode"):
-            get_reward(name)
+
+
+def length_reward(hyps: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """A module-level reward: storable by name."""
+    return (hyps != PAD).sum(dim=1).float()
+
+
+class Rewards:
+    @staticmethod
+    def static(hyps, refs):
+        return length_reward(hyps, refs)
+
+    def method(self, hyps, refs):
+        return length_reward(hyps, refs)
+
+    def __call__(self, hyps, refs):
+        return length_reward(hyps, refs)
+
+
+def test_rewards_by_module_and_function_name(pairs):
+    _, _, h, r = pairs
+    name = f"{__name__}:length_reward"
+    assert get_reward(name) is length_reward and as_reward(name) is length_reward
+    assert import_reward(f"{__name__}:Rewards.static") is Rewards.static
+    for bad, message in [
+        ("no_such_module_xyz:f", r"^reward 'no_such_module_xyz:f' does not import: ModuleNotFoundError: No module "),
+        ("math:nope", r"^reward 'math:nope' does not import: module math has no nope$"),
+        ("math:pi", r"^reward 'math:pi' is not callable: it is a float$"),
+        (":f", r"^reward ':f' does not import: ValueError"),
+    ]:
+        with pytest.raises(ValueError, match=message) as error:
+            get_reward(bad)
+        assert "\n" not in str(error.value)
+
+
+def test_reward_names_are_what_rebuilds_the_reward():
+    assert reward_name("chrf") == "chrf" and reward_name("my.module:f") == "my.module:f"
+    assert reward_name(length_reward) == f"{__name__}:length_reward"
+    assert reward_name(Rewards.static) == f"{__name__}:Rewards.static"
+    assert reward_name(sentence_bleu) == "simple_nmt.rewards:sentence_bleu"
+    # neither a lambda, a closure, a bound method, an instance nor a library reward built by name
+    for unnamed in (lambda hyps, refs: hyps, get_reward("bleu"), Rewards().method, Rewards(), get_reward("chrf")):
+        assert reward_name(unnamed) is None
+    assert reward_label(lambda hyps, refs: hyps) == "test_reward_names_are_what_rebuilds_the_reward.<locals>.<lambda>"
+    assert reward_label(Rewards()) == "Rewards" and reward_label("bleu") == "'bleu'"
+
+
+def test_reward_inputs_are_read_from_the_signature():
+    def plain(hyps, refs):
+        return hyps
+
+    def source_aware(hyps, refs, src, *, index, other=None):
+        return hyps
+
+    def anything(hyps, refs, **kwargs):
+        return hyps
+
+    assert reward_inputs(plain) == frozenset() and reward_inputs(len) == frozenset()
+    assert reward_inputs(source_aware) == {"src", "index"}
+    assert reward_inputs(anything) == set(REWARD_INPUTS)
+    # what cannot be given: refused when named, left out for **kwargs
+    unavailable = {"ref_text": "pass tgt_lines= to the engine", "hyp_text": "pass tgt_field="}
+    assert reward_inputs(anything, unavailable) == {"src", "src_text", "index"}
+    assert reward_inputs(source_aware, unavailable) == {"src", "index"}
+    with pytest.raises(ValueError, match=r"^reward 'chrf' takes hyp_text: pass tgt_field=$"):
+        reward_inputs(get_reward("chrf"), unavailable, label="'chrf'")
+
+
+def test_checked_scores_accept_real_tensors_of_one_score_per_row():
+    torch.testing.assert_close(checked_scores(torch.tensor([1, 2, 3]), 3, "r"), torch.tensor([1.0, 2.0, 3.0]))
+    assert checked_scores(torch.tensor([True, False]), 2, "r").tolist() == [1.0, 0.0]
+    assert checked_scores(torch.tensor([0.5], dtype=torch.float64), 1, "r").dtype == torch.float32
+    expected = r"expected a real-valued tensor of shape \(3,\), one score per row$"
+    for out, returned in [
+        (torch.zeros(3, 1), r"a tensor of shape \(3, 1\) and dtype torch.float32"),
+        (torch.zeros(4), r"a tensor of shape \(4,\) and dtype torch.float32"),
+        (torch.zeros(3, dtype=torch.complex64), r"a tensor of shape \(3,\) and dtype torch.complex64"),
+        ([1.0, 2.0, 3.0], "a list"),
+    ]:
+        with pytest.raises(ValueError, match=f"^reward my_reward returned {returned}; {expected}"):
+            checked_scores(out, 3, "my_reward")
+    with pytest.raises(ValueError, match=r"^reward r returned non-finite scores \(e.g. nan\); expected finite ones$"):
+        checked_scores(torch.tensor([1.0, float("nan"), 2.0]), 3, "r")
+    checked_scores(torch.tensor([1.0, float("inf")]), 2, "r", check_finite=False)
+
+
+def test_strip_eos_keeps_what_comes_before_the_first_eos():
+    ids = torch.tensor([[4, 5, EOS, 6, EOS], [EOS, 4, 4, 4, 4], [4, PAD, 5, 6, 7]])
+    assert after_eos(ids).tolist() == [[False, False, False, True, True], [False, True, True, True, True],
+                                       [False] * 5]
+    assert strip_eos(ids).tolist() == [[4, 5, PAD, PAD, PAD], [PAD] * 5, [4, PAD, 5, 6, 7]]
+    marian = SpecialIds(pad=9, unk=1, bos=9, eos=0)  # EOS 0 and PAD last, as Marian's
+    assert strip_eos(torch.tensor([[4, 0, 5]]), marian).tolist() == [[4, 9, 9]]
+
+
+# ---------------------------------------------------------------- scoring candidates
+
+
+def _candidates(sources: int, n: int, length: int, seed: int) -> torch.Tensor:
+    """Random candidates with EOS inside some rows (junk after it), empty ones (EOS first) and PAD inside."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 9, (sources, n, length), generator=g)
+    ends = torch.randint(0, length + 3, (sources, n), generator=g)  # >= length: no EOS
+    for s in range(sources):
+        for i in range(n):
+            if ends[s, i] < length:
+                ids[s, i, ends[s, i]] = EOS
+    ids[0, 0, 0] = EOS  # an empty candidate
+    ids[ids.size(0) - 1, n - 1, 1] = PAD
+    return ids
+
+
+def _loop(candidates: torch.Tensor, references: torch.Tensor, reward) -> torch.Tensor:
+    """The reward of every pair, one pair at a time, on the tokens before the first EOS."""
+    def content(row: torch.Tensor) -> torch.Tensor:
+        tokens = row.tolist()
+        tokens = tokens[: tokens.index(EOS)] if EOS in tokens else tokens
+        return torch.tensor([[t for t in tokens if t != PAD] or [PAD]])
+
+    return torch.tensor([[[float(reward(content(c), content(r))[0]) for r in refs] for c in cands]
+                         for cands, refs in zip(candidates, references)])
+
+
+@pytest.mark.parametrize("name, reference", [("bleu", sentence_bleu), ("gleu", sentence_gleu)])
+def test_score_candidates_equals_a_loop_over_the_pairs(name, reference):
+    candidates = _candidates(3, 5, 9, seed=0)
+    references = _candidates(3, 4, 7, seed=1)
+    expected = _loop(candidates, references, lambda h, r: reference(h, r, PAD))
+    for chunk_rows in (1, 7, 60, 4096):  # one pair, uneven chunks, all pairs in one chunk, more
+        got = score_candidates(candidates, references, name, chunk_rows=chunk_rows)
+        assert got.shape == (3, 5, 4) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected)
+    assert (got[0, 0] == 0).all()  # the empty candidate
+
+
+def test_score_candidates_against_the_candidates_themselves():
+    candidates = _candidates(2, 6, 8, seed=2)
+    got = score_candidates(candidates, candidates, chunk_rows=10)
+    torch.testing.assert_close(got, _loop(candidates, candidates, lambda h, r: sentence_bleu(h, r, PAD)))
+    nonempty = (strip_eos(candidates.view(12, -1)) != PAD).any(dim=1).view(2, 6)
+    diagonal = got.diagonal(dim1=1, dim2=2)  # each candidate against itself: 100, or 0 when empty
+    torch.testing.assert_close(diagonal, torch.where(nonempty, 100.0, 0.0))
+    # one source as 2-D tensors: (n, m)
+    torch.testing.assert_close(score_candidates(candidates[1], candidates[1]), got[1])
+
+
+def test_score_candidates_with_a_callable_and_a_text_reward():
+    candidates, references = _candidates(2, 3, 6, seed=3), _candidates(2, 2, 5, seed=4)
+    lengths = score_candidates(candidates, references, length_reward)
+    expected = (strip_eos(candidates.view(6, -1)) != PAD).sum(dim=1).float().view(2, 3, 1).expand(-1, -1, 2)
+    torch.testing.assert_close(lengths, expected)
+
+    def text(ids):
+        return " ".join(WORDS[i] for i in ids if i != PAD)
+
+    got = score_candidates(candidates, references, "chrf", to_text=text, chunk_rows=5)
+    expected = _loop(candidates, references, lambda h, r: torch.tensor([sacrebleu.sentence_chrf(
+        text(h[0].tolist()), [text(r[0].tolist())]).score]))
+    torch.testing.assert_close(got, expected)
+
+
+def test_score_candidates_refusals():
+    ids = torch.full((2, 3, 4), 5)
+
+    def source_aware(hyps, refs, src):
+        return hyps
+
+    def bad_shape(hyps, refs):
+        return hyps.float()
+
+    with pytest.raises(ValueError, match="reward 'chrf' takes hyp_text: pass to_text"):
+        score_candidates(ids, ids, "chrf")
+    with pytest.raises(ValueError, match="takes src: score_candidates gives the candidates and references only"):
+        score_candidates(ids, ids, source_aware)
+    with pytest.raises(ValueError, match=r"reward .*bad_shape returned a tensor of shape \(4, 4\)"):
+        score_candidates(ids, ids, bad_shape, chunk_rows=4)
+    with pytest.raises(ValueError, match="2 sources of candidates but 1 of references"):
+        score_candidates(ids, ids[:1])
+    with pytest.raises(ValueError, match=r"got shapes \(2, 3, 4\) and \(3, 4\)"):
+        score_candidates(ids, ids[0])
+    with pytest.raises(ValueError, match="chunk_rows must be at least 1"):
+        score_candidates(ids, ids, chunk_rows=0)
 
 
 def test_as_reward_passthrough_and_names(pairs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY, make_tiny_model
 
-from simple_nmt.cli import default_config
+from simple_nmt.config import default_config
 from simple_nmt.data import BOS, EOS, PAD, ParallelDataset, TextField, Tokenizer, Vocab, collate
 from simple_nmt.models import Seq2Seq, Transformer, build_model
 from simple_nmt.models.base import EncoderDecoder
@@ -487,8 +487,7 @@ def test_mrt_over_samples_and_the_n_best_list_of_a_beam_search():
     batch = make_batch()
     hyps, _ = model.batch_beam_search(batch["src"], batch["src_lengths"], beam_size=2, max_length=6, n_best=2)
     for per_source, rows in zip(hyps, beams.tolist()):  # the n-best lists, ended by EOS unless cut, then PAD
-        ended = [h + [EOS] if len(h) < 6 else h for h in per_source]
-        assert [h + [PAD] * (beams.size(2) - len(h)) for h in ended] == rows
+        assert [h + [PAD] * (beams.size(2) - len(h)) for h in per_source] == rows
     samples = engine.samples.view(3, 4, -1)
     length = max(samples.size(2), beams.size(2))
     pad = lambda x: torch.nn.functional.pad(x, (0, length - x.size(2)), value=PAD)  # noqa: E731

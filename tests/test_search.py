@@ -117,12 +117,8 @@ def assert_close(actual, expected, atol: float = 1e-6) -> None:
 
 
 def strip(ids: list[int]) -> list[int]:
-    out = []
-    for i in ids:
-        if i == EOS:
-            break
-        out.append(i)
-    return out
+    """An output row up to and including its first EOS, without the PAD after it."""
+    return ids[: ids.index(EOS) + 1] if EOS in ids else ids
 
 
 # --------------------------------------------------------------------------- tables
@@ -246,16 +242,16 @@ def test_filter_logits_top_k_then_top_p():
 @pytest.mark.parametrize(
     "beam_size, alpha, n_best, expected",
     [
-        (2, 0.0, 2, [([A], lp(0.5, 0.6)), ([B, A], lp(0.4, 0.9, 0.75))]),
-        (2, 1.0, 2, [([B, A], lp(0.4, 0.9, 0.75) / gnmt(3, 1.0)), ([A], lp(0.5, 0.6) / gnmt(2, 1.0))]),
-        (2, 0.5, 2, [([A], lp(0.5, 0.6) / gnmt(2, 0.5)), ([B, A], lp(0.4, 0.9, 0.75) / gnmt(3, 0.5))]),
-        (2, 0.0, 1, [([A], lp(0.5, 0.6))]),
-        (2, 1.0, 1, [([B, A], lp(0.4, 0.9, 0.75) / gnmt(3, 1.0))]),
-        (3, 0.0, 3, [([A], lp(0.5, 0.6)), ([B, A], lp(0.4, 0.9, 0.75)), ([A, A], lp(0.5, 0.2, 0.96))]),
-        (3, 1.0, 3, [([B, A], lp(0.4, 0.9, 0.75) / (8 / 6)), ([A], lp(0.5, 0.6) / (7 / 6)),
-                     ([A, A], lp(0.5, 0.2, 0.96) / (8 / 6))]),
-        (3, 1.0, 5, [([B, A], lp(0.4, 0.9, 0.75) / (8 / 6)), ([A], lp(0.5, 0.6) / (7 / 6)),
-                     ([A, A], lp(0.5, 0.2, 0.96) / (8 / 6))]),  # n_best is capped at beam_size
+        (2, 0.0, 2, [([A, EOS], lp(0.5, 0.6)), ([B, A, EOS], lp(0.4, 0.9, 0.75))]),
+        (2, 1.0, 2, [([B, A, EOS], lp(0.4, 0.9, 0.75) / gnmt(3, 1.0)), ([A, EOS], lp(0.5, 0.6) / gnmt(2, 1.0))]),
+        (2, 0.5, 2, [([A, EOS], lp(0.5, 0.6) / gnmt(2, 0.5)), ([B, A, EOS], lp(0.4, 0.9, 0.75) / gnmt(3, 0.5))]),
+        (2, 0.0, 1, [([A, EOS], lp(0.5, 0.6))]),
+        (2, 1.0, 1, [([B, A, EOS], lp(0.4, 0.9, 0.75) / gnmt(3, 1.0))]),
+        (3, 0.0, 3, [([A, EOS], lp(0.5, 0.6)), ([B, A, EOS], lp(0.4, 0.9, 0.75)), ([A, A, EOS], lp(0.5, 0.2, 0.96))]),
+        (3, 1.0, 3, [([B, A, EOS], lp(0.4, 0.9, 0.75) / (8 / 6)), ([A, EOS], lp(0.5, 0.6) / (7 / 6)),
+                     ([A, A, EOS], lp(0.5, 0.2, 0.96) / (8 / 6))]),
+        (3, 1.0, 5, [([B, A, EOS], lp(0.4, 0.9, 0.75) / (8 / 6)), ([A, EOS], lp(0.5, 0.6) / (7 / 6)),
+                     ([A, A, EOS], lp(0.5, 0.2, 0.96) / (8 / 6))]),  # n_best is capped at beam_size
     ],
 )
 def test_beam_search_flip_table(beam_size, alpha, n_best, expected):
@@ -279,7 +275,8 @@ def random_dist(src: tuple[int, ...], prefix: tuple[int, ...]) -> Dist:
 
 def reference_beam(model: Scripted, src: tuple[int, ...], k: int, max_length: int) -> list[tuple[list[int], float]]:
     """Beam search written plainly: every hypothesis extended by every token but PAD and BOS (a finished one
-    by PAD at no cost), the k best kept; the k final hypotheses (without EOS) and their log-probs, best first."""
+    by PAD at no cost), the k best kept; the k final hypotheses (EOS-ended unless cut) and their log-probs, best
+    first."""
     beams = [([], 0.0, False)]
     for _ in range(max_length):
         candidates = []
@@ -292,7 +289,7 @@ def reference_beam(model: Scripted, src: tuple[int, ...], k: int, max_length: in
         beams = sorted(candidates, key=lambda c: -c[1])[:k]
         if all(ended for _, _, ended in beams):
             break
-    return [(strip(tokens), score) for tokens, score, _ in beams]
+    return [(tokens, score) for tokens, score, _ in beams]
 
 
 @pytest.mark.parametrize("beam_size", [2, 3, 5])
@@ -316,7 +313,7 @@ def test_beam_search_flip_table_penalty_changes_winner():
     src, src_lengths = src_batch([2])
     raw, _ = model.batch_beam_search(src, src_lengths, beam_size=2, length_penalty=0.0)
     pen, _ = model.batch_beam_search(src, src_lengths, beam_size=2, length_penalty=1.0)
-    assert raw == [[[A]]] and pen == [[[B, A]]]
+    assert raw == [[[A, EOS]]] and pen == [[[B, A, EOS]]]
 
 
 @pytest.mark.parametrize(
@@ -334,7 +331,7 @@ def test_beam_search_early_finish_vs_longer(alpha, max_length, short_wins):
     src, src_lengths = src_batch([4])
     hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=2, length_penalty=alpha,
                                            n_best=2, max_length=max_length)
-    short = ([A], lp(0.6, 0.5) / gnmt(2, alpha))  # a </s>: 2 tokens with EOS
+    short = ([A, EOS], lp(0.6, 0.5) / gnmt(2, alpha))  # a </s>: 2 tokens with EOS
     long_ = ([B] * max_length, lp(0.3, *[0.9] * (max_length - 1)) / gnmt(max_length, alpha))
     expected = [short, long_] if short_wins else [long_, short]
     assert hyps == [[h for h, _ in expected]]
@@ -348,17 +345,17 @@ def test_beam_search_max_length_ratio_per_source():
     hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=2, length_penalty=0.0, n_best=2,
                                            max_length=100, max_length_ratio=1.5)
     limits = [math.ceil(1.5 * n) + 1 for n in (1, 3, 2)]  # 3, 6, 4
-    assert hyps == [[[A], [B] * n] for n in limits]
+    assert hyps == [[[A, EOS], [B] * n] for n in limits]
     for i, n in enumerate(limits):
         assert scores[i].tolist() == pytest.approx([lp(0.6, 0.5), lp(0.3, *[0.9] * (n - 1))], abs=1e-6)
     # the absolute limit still applies: min(4, ...) -> 3, 4, 4
     hyps, _ = model.batch_beam_search(src, src_lengths, beam_size=2, length_penalty=0.0, n_best=2,
                                       max_length=4, max_length_ratio=1.5)
-    assert hyps == [[[A], [B] * n] for n in (3, 4, 4)]
+    assert hyps == [[[A, EOS], [B] * n] for n in (3, 4, 4)]
     # ratio 0 means no ratio limit
     hyps, _ = model.batch_beam_search(src, src_lengths, beam_size=2, length_penalty=0.0, n_best=2,
                                       max_length=5, max_length_ratio=0.0)
-    assert hyps == [[[A], [B] * 5]] * 3
+    assert hyps == [[[A, EOS], [B] * 5]] * 3
 
 
 def test_beam_search_batch_of_scripted_sources_independent():
@@ -375,7 +372,7 @@ def test_beam_search_batch_of_scripted_sources_independent():
     src = torch.tensor([[A, A], [B, PAD], [A, PAD]])
     hyps, scores = model.batch_beam_search(src, torch.tensor([2, 1, 1]), beam_size=2, length_penalty=0.0,
                                            n_best=2, max_length=4)
-    assert hyps == [[[A], [B, A]], [[A], [B] * 4], [[A], [B, A]]]
+    assert hyps == [[[A, EOS], [B, A, EOS]], [[A, EOS], [B] * 4], [[A, EOS], [B, A, EOS]]]
     assert_close(scores, [[lp(0.5, 0.6), lp(0.4, 0.9, 0.75)], [lp(0.6, 0.5), lp(0.3, 0.9, 0.9, 0.9)],
                           [lp(0.5, 0.6), lp(0.4, 0.9, 0.75)]])
     assert model.n_encode == 1  # encoded once, the state repeated for the beams
@@ -388,7 +385,7 @@ def test_greedy_equals_beam_one_scripted():
     assert ids.tolist() == [[A, EOS], [A, EOS]]
     assert_close(log_probs, [[math.log(0.5), math.log(0.6)]] * 2)
     hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=1, length_penalty=0.0)
-    assert hyps == [[[A]], [[A]]]
+    assert hyps == [[[A, EOS]], [[A, EOS]]]  # as the greedy rows
     assert_close(scores, [[lp(0.5, 0.6)]] * 2)
 
 
@@ -417,7 +414,7 @@ def test_pad_and_bos_never_generated():
     hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=3, length_penalty=0.0, n_best=3,
                                            max_length=3)
     # best raw scores: [a a a] .15^3 (cut), [</s>] .1, [a </s>] .015 -> .1 > .015 > .003375
-    assert hyps == [[[], [A], [A, A, A]]] * 2
+    assert hyps == [[[EOS], [A, EOS], [A, A, A]]] * 2
     assert_close(scores, [[lp(0.1), lp(0.15, 0.1), lp(0.15, 0.15, 0.15)]] * 2)
 
 
@@ -702,13 +699,12 @@ LENGTHS = [5, 2, 7, 3, 6, 1]
 MODELS = [Seq2Seq, Transformer]
 
 
-def sequence_log_prob(model, src, src_lengths, i, hyp, with_eos) -> float:
-    """The model's log-probability of ``hyp`` (+ EOS) for source i, by teacher forcing."""
-    tgt = hyp + [EOS] if with_eos else hyp
-    tgt_in = torch.tensor([[BOS] + tgt[:-1]])
+def sequence_log_prob(model, src, src_lengths, i, hyp) -> float:
+    """The model's log-probability of ``hyp`` (its EOS included) for source i, by teacher forcing."""
+    tgt_in = torch.tensor([[BOS] + hyp[:-1]])
     with torch.no_grad():
         out = model(src[i: i + 1, : src_lengths[i]], src_lengths[i: i + 1], tgt_in)
-    return out[0].gather(1, torch.tensor(tgt)[:, None]).sum().item()
+    return out[0].gather(1, torch.tensor(hyp)[:, None]).sum().item()
 
 
 @pytest.mark.parametrize("cls", MODELS)
@@ -717,7 +713,7 @@ def test_greedy_equals_beam_size_one(cls):
     src, src_lengths = random_batch(LENGTHS)
     ids, log_probs = model.search(src, src_lengths, is_greedy=True, max_length=12)
     hyps, scores = model.batch_beam_search(src, src_lengths, beam_size=1, max_length=12, length_penalty=0.0)
-    greedy = [strip(row) for row in ids.tolist()]
+    greedy = [[t for t in row if t != PAD] for row in ids.tolist()]  # the rows without their PAD
     assert [h[0] for h in hyps] == greedy
     assert scores[:, 0].tolist() == pytest.approx(log_probs.sum(1).tolist(), abs=1e-4)
     assert len({len(h) for h in greedy}) > 1  # the test exercises different lengths
@@ -790,7 +786,8 @@ def test_beam_search_keeps_source_only_state_and_equals_reordering_all_of_it(cls
 
 @pytest.mark.parametrize("cls", MODELS)
 def test_beam_scores_are_model_log_probs(cls):
-    """With alpha = 0 a hypothesis' score is the model's log-probability of it (+ EOS unless cut)."""
+    """With alpha = 0 a hypothesis' score is the model's log-probability of it (its EOS included: it ends with
+    EOS unless it was cut at the length limit)."""
     model = make_model(cls)
     src, src_lengths = random_batch(LENGTHS, seed=2)
     max_length = 8
@@ -799,17 +796,15 @@ def test_beam_scores_are_model_log_probs(cls):
     for i, per_source in enumerate(hyps):
         assert len(set(map(tuple, per_source))) == 4  # distinct hypotheses
         for j, hyp in enumerate(per_source):
-            assert all(t not in (PAD, BOS, EOS) for t in hyp)
-            expected = sequence_log_prob(model, src, src_lengths, i, hyp, with_eos=len(hyp) < max_length)
+            assert all(t not in (PAD, BOS, EOS) for t in hyp[:-1]) and (hyp[-1] == EOS or len(hyp) == max_length)
+            expected = sequence_log_prob(model, src, src_lengths, i, hyp)
             assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
     # and with a penalty the score is that log-probability over ((5 + len) / 6) ** alpha
     hyps, pen_scores = model.batch_beam_search(src, src_lengths, beam_size=4, n_best=1, max_length=max_length,
                                                length_penalty=0.7)
     for i, (hyp,) in enumerate(hyps):
-        finished = len(hyp) < max_length
-        raw = sequence_log_prob(model, src, src_lengths, i, hyp, with_eos=finished)
-        n = len(hyp) + int(finished)
-        expected = raw / length_penalty(torch.tensor([n]), 0.7).item()
+        raw = sequence_log_prob(model, src, src_lengths, i, hyp)
+        expected = raw / length_penalty(torch.tensor([len(hyp)]), 0.7).item()
         assert pen_scores[i, 0].item() == pytest.approx(expected, abs=1e-4)
 
 

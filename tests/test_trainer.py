@@ -9,7 +9,7 @@ import torch
 from conftest import TINY
 from ignite.engine import Events
 
-from simple_nmt.cli import default_config
+from simple_nmt.config import default_config
 from simple_nmt.data import PAD, ParallelDataset, TextField, Tokenizer, Vocab, collate
 from simple_nmt.models import build_model
 from simple_nmt.toy import make_corpus

@@ -132,7 +132,12 @@ class EncoderDecoder(nn.Module):
         length_penalty: float = 1.0,
         n_best: int = 1,
     ) -> tuple[list[list[list[int]]], torch.Tensor]:
-        """Beam search over the whole batch; see ``simple_nmt.search.beam_search``."""
+        """Beam search over the whole batch; see ``simple_nmt.search.beam_search``.
+
+        Returns:
+            Each source's ``n_best`` hypotheses as id lists, best first, ending with EOS unless cut at
+            the length limit (as ``search``'s rows), and their scores (batch_size, n_best).
+        """
         return decoding.beam_search(
             self, src, src_lengths, beam_size=beam_size, max_length=max_length,
             max_length_ratio=max_length_ratio, length_penalty_alpha=length_penalty, n_best=n_best,
