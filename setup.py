@@ -17,6 +17,8 @@ setup(
     extras_require={
         "tensorboard": ["tensorboard>=2.10"],
         "hf": ["transformers>=5.24,<6"],
-        "test": ["pytest>=7", "nltk>=3.8", "hypothesis>=6", "ruff>=0.5"],
+        "mbr": ["fastchrf>=0.2.1"],
+        "ct2": ["ctranslate2>=4.8.5,<5"],
+        "test": ["pytest>=7", "nltk>=3.8", "hypothesis>=6", "ruff>=0.5", "fastchrf>=0.2.1", "ctranslate2>=4.8.5,<5"],
     },
 )

@@ -16,16 +16,13 @@ which runs first) and gives the speed-up and how many output lines are the same 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PROJECT, checkout, machine, now_and_before, run_worker, table  # noqa: E402
+from common import PROJECT, checkout, machine, now_and_before, print_translation_time, run_worker, table  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -33,21 +30,10 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, args.code)
     import torch
 
-    from simple_nmt.cli import main_translate
-
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as folder:
-        output = Path(folder) / "out.txt"
-        command = ["--model_fn", args.model_fn, "--input", args.input, "--output", str(output),
-                   "--beam_size", str(args.beam_size), "--batch_size", str(args.batch_size),
-                   "--precision", args.precision, "--gpu_id", "0" if args.device == "cuda" else "-1"]
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            main_translate(command)
-            times.append(time.perf_counter() - start)
-        lines = output.read_text(encoding="utf-8").splitlines()
-    print(json.dumps({"seconds": min(times), "lines": lines}))
+    print_translation_time(["--model_fn", args.model_fn, "--input", args.input, "--beam_size", str(args.beam_size),
+                            "--batch_size", str(args.batch_size), "--precision", args.precision,
+                            "--gpu_id", "0" if args.device == "cuda" else "-1"], args.repeat)
 
 
 def measure(args: argparse.Namespace, code: Path, precision: str) -> dict:

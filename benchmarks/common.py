@@ -233,3 +233,20 @@ def run_worker(command: list[str], what: str, env: dict[str, str] | None = None)
     if proc.returncode:
         sys.exit(f"{what}: {proc.stderr.strip().splitlines()[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_translation_time(command: list[str], repeat: int) -> None:
+    """Run ``translate.py``'s entry point with ``command`` (plus ``--output``) ``repeat`` times; print, as
+    JSON, the best time in seconds and the lines it wrote (what a worker process reports)."""
+    from simple_nmt.cli import main_translate
+
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "out.txt"
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            main_translate([*command, "--output", str(output)])
+            times.append(time.perf_counter() - start)
+        lines = output.read_text(encoding="utf-8").splitlines()
+    print(json.dumps({"seconds": min(times), "lines": lines}))
+

@@ -63,11 +63,12 @@ def parser_section(script: str, parser: argparse.ArgumentParser) -> list[str]:
 def generated() -> str:
     """The generated part of docs/usage.md, marker line included."""
     sys.path.insert(0, str(ROOT))
-    from simple_nmt.options import average_parser, continue_parser, train_parser, translate_parser
+    from simple_nmt.options import average_parser, continue_parser, export_parser, train_parser, translate_parser
 
     lines = [MARKER, ""]
     for script, parser in (("train.py", train_parser()), ("continue_train.py", continue_parser()),
-                           ("translate.py", translate_parser()), ("average_checkpoints.py", average_parser())):
+                           ("translate.py", translate_parser()), ("average_checkpoints.py", average_parser()),
+                           ("export_ctranslate2.py", export_parser())):
         lines += parser_section(script, parser)
     return "\n".join(lines).rstrip("\n") + "\n"
 

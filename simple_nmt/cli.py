@@ -1,5 +1,5 @@
-"""The entry points of the scripts (train.py, continue_train.py, translate.py, average_checkpoints.py):
-parse, run, and report a user's mistake as one line."""
+"""The entry points of the scripts (train.py, continue_train.py, translate.py, average_checkpoints.py,
+export_ctranslate2.py): parse, run, and report a user's mistake as one line."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from simple_nmt.checkpoint import CheckpointError, average_checkpoints, save_checkpoint
 from simple_nmt.config import (
     Config,
     ConfigError,
+    ExportOptions,
     TranslateOptions,
 )
+from simple_nmt.ctranslate2 import CTranslate2Error, export, load_ctranslate2
 from simple_nmt.data import (
     DataError,
     read_lines,
@@ -24,7 +28,7 @@ from simple_nmt.data import (
 from simple_nmt.distributed import process_group
 from simple_nmt.hf import HuggingFaceError
 from simple_nmt.loading import check_translatable, load
-from simple_nmt.options import average_parser, continue_parser, train_parser, translate_parser
+from simple_nmt.options import average_parser, continue_parser, export_parser, train_parser, translate_parser
 from simple_nmt.precision import PrecisionError
 from simple_nmt.runs import check_output_path, check_training_outputs, continue_training, pick_device, run_training
 from simple_nmt.trainer import (
@@ -50,7 +54,8 @@ def reported_errors() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
             yield
-    except (DataError, CheckpointError, ConfigError, NonFiniteLossError, PrecisionError, HuggingFaceError) as e:
+    except (DataError, CheckpointError, ConfigError, NonFiniteLossError, PrecisionError, HuggingFaceError,
+            CTranslate2Error) as e:
         _fail(str(e))
     except TrainingInterrupted as e:
         _fail(str(e), code=128 + e.signum)  # 130 for Ctrl-C, 143 for SIGTERM
@@ -77,20 +82,27 @@ def main_continue(argv: Sequence[str] | None = None) -> None:
 
 def main_translate(argv: Sequence[str] | None = None) -> None:
     """Entry point of translate.py."""
-    config = TranslateOptions.from_dict(vars(translate_parser().parse_args(argv)))
+    given = vars(translate_parser().parse_args(argv))
     with reported_errors():
+        config = TranslateOptions.from_dict(given)  # options that do not fit together: one line
         check_output_path(config.output, "--output")
-        loaded = load(config.model_fn or config.hf_model, pick_device(config.gpu_id), config.precision,
-                      tgt_lang=config.hf_tgt_lang)
+        if config.ctranslate2:
+            loaded = load_ctranslate2(config.ctranslate2, pick_device(config.gpu_id), config.precision)
+        else:
+            loaded = load(config.model_fn or config.hf_model, pick_device(config.gpu_id), config.precision,
+                          tgt_lang=config.hf_tgt_lang)
         if config.input:
             lines, _ = read_lines(config.input, "replace")
         else:
             lines = [line.rstrip("\r\n") for line in sys.stdin.buffer.read().decode("utf-8", "replace").split("\n")]
             if lines and lines[-1] == "":
                 lines.pop()
+        torch.manual_seed(config.seed)  # the samples of --mbr
         outputs = loaded.translate(lines, beam_size=config.beam_size, n_best=config.n_best,
                                    length_penalty=config.length_penalty, max_length=config.max_length,
-                                   max_length_ratio=config.max_length_ratio, batch_size=config.batch_size)
+                                   max_length_ratio=config.max_length_ratio, batch_size=config.batch_size,
+                                   mbr=config.mbr, mbr_candidates=config.mbr_candidates, epsilon=config.epsilon,
+                                   mbr_references=config.mbr_references, mbr_utility=config.mbr_utility)
     text = "".join(("\t".join(line) if config.n_best > 1 else line) + "\n" for line in outputs)
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
@@ -113,3 +125,13 @@ def main_average(argv: Sequence[str] | None = None) -> None:
             raise ConfigError(f"--output {config['output']} is one of the inputs; write the average elsewhere")
         save_checkpoint(average_checkpoints(config["inputs"], check=check_translatable), config["output"])
     print(f"{config['output']}: the average of {len(config['inputs'])} checkpoints")
+
+
+def main_export(argv: Sequence[str] | None = None) -> None:
+    """Entry point of export_ctranslate2.py."""
+    given = vars(export_parser().parse_args(argv))
+    with reported_errors():
+        options = ExportOptions.from_dict(given)
+        source = options.model_fn or options.hf_model
+        path = export(source, options.output_dir, options.quantization, options.max_positions, options.force)
+    print(f"{path}: the CTranslate2 model of {source} ({options.quantization or 'weights as stored'})")

@@ -272,6 +272,8 @@ class RLOptions(Options):
     rl_temperature: float = option(1.0, "sampling temperature", above=0.0)
     rl_top_k: int = option(0, "sample from the k best tokens (0: all)", minimum=0)
     rl_top_p: float = option(1.0, "nucleus sampling mass, in (0, 1]", above=0.0, maximum=1.0)
+    rl_epsilon: float = option(0.0, "epsilon sampling: never a token of probability below this, unless the most "
+                                    "probable (Hewitt et al., 2022; 0: off)", minimum=0.0, maximum=1.0)
     rl_mle_weight: float = option(0.0, "add this weight times the MLE loss on the reference", minimum=0.0)
     rl_adv_norm: bool = option(
         False, "divide each source's advantages by the standard deviation of its K+1 rewards (as GRPO); a "
@@ -336,6 +338,9 @@ class TranslateOptions(HuggingFaceOptions, DeviceOptions):
     """translation"""
 
     model_fn: str | None = option(None, "checkpoint to translate with", source=LOCAL)
+    ctranslate2: str | None = option(
+        None, "a folder written by export_ctranslate2.py: translate with CTranslate2 (pip install -e .[ct2]), "
+              "in the type it was exported with unless --precision names one", source=LOCAL)
     input: str | None = option(None, "input file (default: stdin)", source=LOCAL)
     output: str | None = option(None, "output file (default: stdout)", source=LOCAL)
     batch_size: int = option(64, "sentences per batch", minimum=1, source=LOCAL)
@@ -346,6 +351,45 @@ class TranslateOptions(HuggingFaceOptions, DeviceOptions):
                              minimum=1, source=LOCAL)
     max_length_ratio: float = option(0.0, "if > 0, outputs are at most this many times the input length (+1)",
                                      minimum=0.0, source=LOCAL)
+    mbr: int = option(0, "minimum Bayes risk decoding: output the best of N candidates per line by expected "
+                         "utility against the pseudo-references (0: beam search)", minimum=0, source=LOCAL)
+    mbr_candidates: str = option("epsilon", "--mbr: the candidates: N epsilon samples (--epsilon), or the N-best "
+                                            "list of a beam of size N", choices=("epsilon", "beam"), source=LOCAL)
+    epsilon: float = option(0.02, "--mbr epsilon sampling: never a token of probability below this, unless the "
+                                  "most probable (0: plain sampling)", minimum=0.0, maximum=1.0, source=LOCAL)
+    mbr_references: int = option(0, "--mbr: the pseudo-references: 0 the candidates themselves, M > 0 M more "
+                                    "epsilon samples", minimum=0, source=LOCAL)
+    mbr_utility: str = option("bleu", "--mbr: the utility: sacreBLEU's sentence BLEU (13a, exp smoothing), chrF, or "
+                                      "GLEU", choices=("bleu", "chrf", "gleu"), source=LOCAL)
+    seed: int = option(1, "--mbr: the seed of the samples", minimum=0, maximum=LARGEST_SEED, source=LOCAL)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mbr and self.n_best > self.mbr:
+            raise ConfigError(f"--n_best {self.n_best}: --mbr {self.mbr} gives {self.mbr} candidates per line")
+        if self.mbr and self.ctranslate2:
+            raise ConfigError(f"--mbr {self.mbr} samples with the model's own search: give the checkpoint "
+                              "(--model_fn or --hf_model) instead of --ctranslate2")
+
+
+# the weight types of a CTranslate2 model (its converters' --quantization)
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(Options):
+    """export to CTranslate2 (pip install -e .[ct2])"""
+
+    model_fn: str | None = option(None, "checkpoint to export (a Transformer, or a Hugging Face model)", source=LOCAL)
+    hf_model: str | None = option(None, "a local Hugging Face model folder to export, through CTranslate2's own "
+                                        "converter", source=LOCAL)
+    output_dir: str | None = option(None, "the folder to write: the CTranslate2 model, with the tokenizers beside it",
+                                    source=LOCAL)
+    quantization: str | None = option(None, "the type of the weights (default: as stored, float32 for the "
+                                            "library's checkpoints)", choices=QUANTIZATIONS, source=LOCAL)
+    max_positions: int = option(1024, "the positions a Transformer's table encodes: the longest input and output "
+                                      "it translates (a Hugging Face model keeps its own)", minimum=1, source=LOCAL)
+    force: bool = option(False, "replace --output_dir if it exists", source=LOCAL)
 
 
 def as_config(config: Config | Mapping[str, Any]) -> Config:

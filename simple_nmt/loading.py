@@ -16,6 +16,7 @@ from simple_nmt.checkpoint import UNUSABLE, CheckpointError, load_checkpoint
 from simple_nmt.config import Config, ConfigError, ModelOptions, TranslateOptions, config_from_checkpoint
 from simple_nmt.data import SPECIALS, TextField, Vocab, collate, tokenizer_from_bytes
 from simple_nmt.hf import HuggingFaceModel
+from simple_nmt.mbr import mbr_select
 from simple_nmt.models import build_model
 from simple_nmt.precision import Precision, resolve_precision
 from simple_nmt.search import special_ids
@@ -200,8 +201,9 @@ class LoadedModel:
     precision: Precision
 
     def translate(self, lines: Sequence[str], beam_size: int = 5, n_best: int = 1, length_penalty: float = 1.0,
-                  max_length: int = 255, max_length_ratio: float = 0.0, batch_size: int = 64
-                  ) -> list[str] | list[list[str]]:
+                  max_length: int = 255, max_length_ratio: float = 0.0, batch_size: int = 64, mbr: int = 0,
+                  mbr_candidates: str = "epsilon", epsilon: float = 0.02, mbr_references: int = 0,
+                  mbr_utility: str = "bleu") -> list[str] | list[list[str]]:
         """Translate raw text lines, as translate.py does: an empty line gives an empty line.
 
         Args:
@@ -210,12 +212,21 @@ class LoadedModel:
             length_penalty: the GNMT length penalty alpha (0: none).
             max_length: the longest output, and the longest input (longer input is truncated, with a warning).
             max_length_ratio: if > 0, outputs are at most this many times the input length (+1).
+            mbr: minimum Bayes risk decoding from this many candidates per line (0: beam search); the best
+                are those of the highest expected utility. Seed torch first for repeatable samples.
+            mbr_candidates: ``"epsilon"`` (epsilon samples) or ``"beam"`` (the n-best list of a beam of size
+                ``mbr``).
+            epsilon: epsilon sampling's cut (0: plain sampling).
+            mbr_references: 0: the candidates are the pseudo-references; M > 0: M more epsilon samples.
+            mbr_utility: ``"bleu"``, ``"chrf"`` or ``"gleu"`` (``simple_nmt.mbr.mbr_select``).
 
         Raises:
             ValueError: a bad option, named.
         """
         options = TranslateOptions(beam_size=beam_size, n_best=n_best, length_penalty=length_penalty,
-                                   max_length=max_length, max_length_ratio=max_length_ratio, batch_size=batch_size)
+                                   max_length=max_length, max_length_ratio=max_length_ratio, batch_size=batch_size,
+                                   mbr=mbr, mbr_candidates=mbr_candidates, epsilon=epsilon,
+                                   mbr_references=mbr_references, mbr_utility=mbr_utility)
         if isinstance(self.model, HuggingFaceModel):
             check_hf_length(self.model, max_length)
         with self.precision.autocast():
@@ -270,16 +281,54 @@ def translate_lines(model: torch.nn.Module, src_field: TextField, tgt_field: Tex
         print(f"warning: {n_truncated} input lines longer than --max_length {options.max_length} "
               "tokens were truncated", file=sys.stderr)
     todo = sorted((i for i, x in enumerate(ids) if x), key=lambda i: len(ids[i]))
+    # MBR decodes mbr (+ mbr_references) outputs per line: as many lines at a time as keep them within MBR_ROWS
+    per_batch = options.batch_size if not options.mbr else max(1, MBR_ROWS // (options.mbr + options.mbr_references))
     model.eval()
-    for start in range(0, len(todo), options.batch_size):
-        chunk = todo[start: start + options.batch_size]
+    for start in range(0, len(todo), per_batch):
+        chunk = todo[start: start + per_batch]
         src = [ids[i][: options.max_length] for i in chunk]
         batch = collate([(0, s, []) for s in src], special_ids(model))
         src_t, lengths = batch["src"].to(device), batch["src_lengths"].to(device)
-        hyps, _ = model.batch_beam_search(src_t, lengths, beam_size=options.beam_size,
-                                          max_length=options.max_length,
-                                          max_length_ratio=options.max_length_ratio,
-                                          length_penalty=options.length_penalty, n_best=options.n_best)
-        for i, per_line in zip(chunk, hyps):
-            outputs[i] = [tgt_field.to_text(h) for h in per_line]
+        if options.mbr:
+            texts = mbr_translations(model, tgt_field, src_t, lengths, options)
+        else:
+            hyps, _ = model.batch_beam_search(src_t, lengths, beam_size=options.beam_size,
+                                              max_length=options.max_length,
+                                              max_length_ratio=options.max_length_ratio,
+                                              length_penalty=options.length_penalty, n_best=options.n_best)
+            texts = [[tgt_field.to_text(h) for h in per_line] for per_line in hyps]
+        for i, per_line in zip(chunk, texts):
+            outputs[i] = per_line
     return outputs
+
+
+MBR_ROWS = 2048  # the most outputs MBR decoding samples at once (lines x (candidates + references))
+
+
+def mbr_translations(model: torch.nn.Module, tgt_field: TextField, src: torch.Tensor, src_lengths: torch.Tensor,
+                     options: TranslateOptions) -> list[list[str]]:
+    """Minimum Bayes risk decoding of a batch: each line's ``options.n_best`` candidates of the highest
+    expected utility (``simple_nmt.mbr.mbr_select``), best first.
+
+    Args:
+        src: |src| = (batch_size, src_length).
+        src_lengths: |src_lengths| = (batch_size,).
+        options: ``mbr``, ``mbr_candidates``, ``epsilon``, ``mbr_references``, ``mbr_utility``, ``max_length``.
+    """
+    n, limit = options.mbr, options.max_length
+
+    def samples(k: int) -> list[list[str]]:
+        ids, _ = model.search(src, src_lengths, is_greedy=False, max_length=limit, n_samples=k,
+                              epsilon=options.epsilon)  # |ids| = (batch_size * k, length)
+        texts = [tgt_field.to_text(row) for row in ids.tolist()]
+        return [texts[i * k: (i + 1) * k] for i in range(src.size(0))]
+
+    if options.mbr_candidates == "beam":
+        hyps, _ = model.batch_beam_search(src, src_lengths, beam_size=n, max_length=limit,
+                                          max_length_ratio=options.max_length_ratio, length_penalty=0.0, n_best=n)
+        candidates = [[tgt_field.to_text(h) for h in per_line] for per_line in hyps]
+    else:
+        candidates = samples(n)
+    references = samples(options.mbr_references) if options.mbr_references else None
+    ranking = mbr_select(candidates, references, options.mbr_utility).ranking()
+    return [[per_line[r] for r in order[: options.n_best]] for per_line, order in zip(candidates, ranking)]

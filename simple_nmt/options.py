@@ -14,6 +14,7 @@ from simple_nmt.config import (
     INHERITED,
     LOCAL,
     Config,
+    ExportOptions,
     TranslateOptions,
     check_value,
     value_type,
@@ -98,15 +99,31 @@ def continue_parser() -> argparse.ArgumentParser:
     return p
 
 
-def translate_parser() -> argparse.ArgumentParser:
-    """translate.py's options, generated from ``simple_nmt.config.TranslateOptions``."""
-    p = argparse.ArgumentParser(description="Translate stdin (or --input) to stdout (or --output), line by line.")
-    hints = typing.get_type_hints(TranslateOptions)
-    group = p.add_argument_group(TranslateOptions.__doc__)
-    model = group.add_mutually_exclusive_group(required=True)  # a checkpoint, or a Hugging Face model folder
-    for f in dataclasses.fields(TranslateOptions):
-        add_option(model if f.name in ("model_fn", "hf_model") else group, f, hints[f.name])
+def options_parser(options: type, description: str, sources: tuple[str, ...], required: tuple[str, ...] = ()
+                   ) -> argparse.ArgumentParser:
+    """A script's options, generated from the option class ``options``: exactly one of ``sources`` (what to
+    read the model from) is given, and every one of ``required``."""
+    p = argparse.ArgumentParser(description=description)
+    hints = typing.get_type_hints(options)
+    group = p.add_argument_group(options.__doc__)
+    model = group.add_mutually_exclusive_group(required=True)
+    for f in dataclasses.fields(options):
+        add_option(model if f.name in sources else group, f, hints[f.name], required=f.name in required)
     return p
+
+
+def translate_parser() -> argparse.ArgumentParser:
+    """translate.py's options, generated from ``simple_nmt.config.TranslateOptions``: a checkpoint, a Hugging Face
+    model folder or a CTranslate2 model folder."""
+    return options_parser(TranslateOptions, "Translate stdin (or --input) to stdout (or --output), line by line.",
+                          ("model_fn", "hf_model", "ctranslate2"))
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """export_ctranslate2.py's options, generated from ``simple_nmt.config.ExportOptions``."""
+    return options_parser(ExportOptions, "Export a checkpoint's Transformer, or a Hugging Face model, to a "
+                                         "CTranslate2 model folder (translate.py --ctranslate2 translates with it).",
+                          ("model_fn", "hf_model"), required=("output_dir",))
 
 
 def average_parser() -> argparse.ArgumentParser:

@@ -219,6 +219,7 @@ def sentence_bleu(
     max_order: int = 4,
     smooth: str = "exp",
     smooth_value: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Sentence BLEU (0-100) of each hypothesis against its single reference.
 
@@ -237,6 +238,8 @@ def sentence_bleu(
         pad_id: id ignored wherever it stands (the sentence is the sequence
             of the other ids, in order).
         max_order: the largest n-gram order.
+        dtype: the scores' type: float32, or float64 (computed in float64 on CPU) where the scores must
+            agree with sacrebleu's to 1e-6 (MBR's expected utilities).
         smooth: ``"exp"``, ``"floor"``, ``"add-k"`` or ``"none"``.
         smooth_value: the value of ``floor`` (default 0.1) or ``add-k``
             (default 1); ignored by the others.
@@ -252,13 +255,13 @@ def sentence_bleu(
         smooth_value = SMOOTH_DEFAULTS[smooth]
     matches, h_len, r_len = _ngram_matches(hyps, refs, pad_id, max_order)
     # |matches| = (batch_size, max_order), |h_len| = |r_len| = (batch_size,)
-    dtype = _float_dtype(matches.device)
+    compute = _float_dtype(matches.device)
     orders = torch.arange(1, max_order + 1, device=matches.device)
-    correct = matches.to(dtype)
-    total = _totals(h_len, orders).to(dtype)
+    correct = matches.to(compute)
+    total = _totals(h_len, orders).to(compute)
     # |correct| = |total| = (batch_size, max_order)
     if smooth == "add-k":
-        add = (orders > 1).to(dtype) * smooth_value
+        add = (orders > 1).to(compute) * smooth_value
         correct, total = correct + add, total + add
 
     # sacrebleu stops at the first order without n-grams: the effective order.
@@ -269,7 +272,7 @@ def sentence_bleu(
     zero = (correct == 0) & valid
     if smooth == "exp":
         # the k-th order without matches gets precision 1 / (2^k * total)
-        halvings = torch.cumsum(zero.to(dtype), dim=1)
+        halvings = torch.cumsum(zero.to(compute), dim=1)
         zero_prec = 100.0 / (torch.pow(2.0, halvings) * safe_total)
     elif smooth == "floor":
         zero_prec = 100.0 * smooth_value / safe_total
@@ -282,13 +285,13 @@ def sentence_bleu(
     # No unigram match (e.g. an empty side) gives 0 before any smoothing.
     null = ((prec <= 0) & valid).any(dim=1) | (matches[:, 0] == 0)
     safe_prec = torch.where(valid & (prec > 0), prec, torch.ones_like(prec))
-    mean_log = torch.log(safe_prec).sum(dim=1) / eff_order.clamp(min=1).to(dtype)
+    mean_log = torch.log(safe_prec).sum(dim=1) / eff_order.clamp(min=1).to(compute)
 
-    h_f, r_f = h_len.to(dtype), r_len.to(dtype)
+    h_f, r_f = h_len.to(compute), r_len.to(compute)
     bp = torch.where(h_len < r_len, torch.exp(1.0 - r_f / h_f.clamp(min=1.0)), torch.ones_like(h_f))
     score = torch.where(null, torch.zeros_like(bp), bp * torch.exp(mean_log))
     # |score| = (batch_size,)
-    return score.float()
+    return score.to(dtype)
 
 
 def sentence_gleu(
@@ -459,17 +462,19 @@ def reward_inputs(reward: Reward, unavailable: Mapping[str, str] | None = None, 
     return frozenset(named)
 
 
-def checked_scores(scores: Any, rows: int, label: str, check_finite: bool = True) -> torch.Tensor:
-    """A reward's output as float32 |scores| = (rows,).
+def checked_scores(scores: Any, rows: int, label: str, check_finite: bool = True,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reward's output as |scores| = (rows,) of type ``dtype``.
 
     A real-valued tensor of shape (rows,) is accepted: floating, or integer or bool (counts, hits), all
-    taken as float32.
+    taken as ``dtype``.
 
     Args:
         scores: what the reward returned.
         rows: the number of rows it scored.
         label: the reward's name in messages.
         check_finite: also refuse NaN and infinite scores (one host sync).
+        dtype: float32, or float64 for scores that must keep their precision.
 
     Raises:
         ValueError: one line naming the reward, what it returned and what was expected.
@@ -480,7 +485,7 @@ def checked_scores(scores: Any, rows: int, label: str, check_finite: bool = True
     if tuple(scores.shape) != (rows,) or scores.is_complex():
         raise ValueError(f"reward {label} returned a tensor of shape {tuple(scores.shape)} and dtype "
                          f"{scores.dtype}; {expected}")
-    scores = scores.float()
+    scores = scores.to(dtype)
     if check_finite and not bool(scores.isfinite().all()):
         bad = scores[~scores.isfinite()][0]
         raise ValueError(f"reward {label} returned non-finite scores (e.g. {float(bad)}); expected finite ones")
@@ -533,6 +538,7 @@ def score_candidates(
     specials: SpecialIds = LIBRARY_IDS,
     chunk_rows: int = 4096,
     to_text: Callable[[Sequence[int]], str] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Every candidate of a source scored against every reference of the same source.
 
@@ -553,9 +559,10 @@ def score_candidates(
             ``4 * chunk_rows * length**2`` bytes (length: the longest sentence of the chunk).
         to_text: ids (EOS and PAD removed) to text, for a reward that takes ``hyp_text`` / ``ref_text``;
             each candidate and reference is turned into text once.
+        dtype: the scores' type: float32, or float64 to keep a float64 reward's precision.
 
     Returns:
-        Float32 |scores| = (sources, n, m), or (n, m) for 2-D inputs, on the candidates' device:
+        |scores| = (sources, n, m), or (n, m) for 2-D inputs, on the candidates' device:
         ``scores[s, i, j]`` is the reward of candidate i of source s against reference j of source s.
     """
     if candidates.dim() not in (2, 3) or references.dim() != candidates.dim():
@@ -578,10 +585,10 @@ def score_candidates(
     inputs = reward_inputs(fn, unavailable, label)
     hyps = strip_eos(candidates.reshape(sources * n, -1), specials)  # |hyps| = (sources * n, length)
     refs = strip_eos(references.reshape(sources * m, -1), specials)  # |refs| = (sources * m, length')
-    texts = {name: [to_text(row) for row in ids.tolist()]
+    texts = {name: [to_text([t for t in row if t != specials.pad]) for row in ids.tolist()]
              for name, ids in (("hyp_text", hyps), ("ref_text", refs)) if name in inputs}
 
-    scores = torch.empty(sources * n * m, dtype=torch.float32, device=candidates.device)
+    scores = torch.empty(sources * n * m, dtype=dtype, device=candidates.device)
     for start in range(0, len(scores), chunk_rows):
         pairs = torch.arange(start, min(start + chunk_rows, len(scores)), device=candidates.device)
         # pair p = (s * n + i) * m + j: candidate row s * n + i, reference row s * m + j
@@ -589,6 +596,6 @@ def score_candidates(
         rows = {"hyp_text": hyp_rows, "ref_text": ref_rows}
         kwargs = {name: [text[k] for k in rows[name].tolist()] for name, text in texts.items()}
         out = fn(hyps.index_select(0, hyp_rows), refs.index_select(0, ref_rows), **kwargs)
-        scores[start:start + len(pairs)] = checked_scores(out, len(pairs), label)
+        scores[start:start + len(pairs)] = checked_scores(out, len(pairs), label, dtype=dtype)
     scores = scores.view(sources, n, m)
     return scores[0] if single else scores

@@ -464,6 +464,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         c = self.config
         kwargs = {"is_greedy": is_greedy, "max_length": c.decoding_length, "temperature": c.rl_temperature,
                   "top_k": c.rl_top_k, "top_p": c.rl_top_p}
+        if c.rl_epsilon > 0:  # a research model's search need not take epsilon unless it is used
+            kwargs["epsilon"] = c.rl_epsilon
         model = self.raw_model
         with evaluating(model):
             if self._search_repeats_state:

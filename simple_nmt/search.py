@@ -110,14 +110,21 @@ def hypothesis(ids: Sequence[int], specials: SpecialIds = LIBRARY_IDS) -> list[i
     return out
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus.
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, epsilon: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k, outside the top-p nucleus and below epsilon.
 
     Args:
         logits: |logits| = (batch_size, vocab_size).
         top_k: keep the k largest (0: all).
         top_p: keep the smallest set of tokens whose probability adds up to top_p (1: all).
+        epsilon: keep the tokens whose probability under ``logits`` is at least epsilon, and the most
+            probable token always (epsilon sampling, Hewitt et al., 2022; 0: all).
     """
+    if epsilon > 0.0:
+        probs = logits.softmax(dim=-1)  # |probs| = (batch_size, vocab_size)
+        below = probs < epsilon
+        below.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+        logits = logits.masked_fill(below, float("-inf"))
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # |kth| = (batch_size, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -267,11 +274,12 @@ def _greedy(scores: torch.Tensor, ids: SpecialIds) -> tuple[torch.Tensor, torch.
 
 
 def _sample(scores: torch.Tensor, ids: SpecialIds, temperature: float, top_k: int, top_p: float,
-            work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            work: torch.Tensor | None = None, epsilon: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row, PAD and BOS never, and its log-prob (at temperature 1): |scores| = (n, vocab_size)
-    logits (or log-probs) -> (n,), (n,). ``work``: a float32 tensor of the scores' shape to use (overwritten)."""
+    logits (or log-probs) -> (n,), (n,). ``work``: a float32 tensor of the scores' shape to use (overwritten).
+    ``epsilon`` applies to the distribution sampled from: temperature applied, PAD and BOS left out."""
     y = log_z = None
-    if top_k == 0 and top_p == 1.0:
+    if top_k == 0 and top_p == 1.0 and epsilon == 0.0:
         # exp((logits - max) / temperature) is what draw needs, in one pass, and at temperature 1 its sum
         # is the log-normaliser's. The best token other than PAD and BOS cannot underflow to 0 when those
         # hold at most half of it: its weight is then at least 1 / (2 * vocab_size) of the best's, 1
@@ -291,7 +299,7 @@ def _sample(scores: torch.Tensor, ids: SpecialIds, temperature: float, top_k: in
         allowed = _forbid_specials(scores, ids)
         if temperature != 1.0:
             allowed /= temperature  # a copy of its own
-        y = draw(filter_logits(allowed, top_k, top_p).softmax(dim=-1))
+        y = draw(filter_logits(allowed, top_k, top_p, epsilon).softmax(dim=-1))
     if log_z is None:
         log_z = logsumexp(float_copy(scores, work), in_place=True)
     return y, picked(scores, y) - log_z
@@ -308,6 +316,7 @@ def sample_search(
     top_k: int = 0,
     top_p: float = 1.0,
     n_samples: int = 1,
+    epsilon: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decoding or ancestral sampling, for the whole batch at once.
 
@@ -319,6 +328,8 @@ def sample_search(
         max_length: the most output tokens (EOS included).
         temperature, top_k, top_p: how to sample (ignored when greedy).
         n_samples: outputs per source; the encoder runs once and its state is repeated.
+        epsilon: epsilon sampling: never a token whose probability (at ``temperature``, PAD and BOS
+            left out) is below epsilon, unless it is the most probable (0: off; ignored when greedy).
 
     Returns:
         ids and the model's log-probability of each, both
@@ -349,7 +360,7 @@ def sample_search(
         if is_greedy:
             y, y_log_probs = _greedy(scores, specials)
         else:
-            y, y_log_probs = _sample(scores, specials, temperature, top_k, top_p, work[: len(rows)])
+            y, y_log_probs = _sample(scores, specials, temperature, top_k, top_p, work[: len(rows)], epsilon)
         y = y.masked_fill(done, specials.pad)  # |y| = (len(rows),)
         ids[rows, t] = y
         log_probs[rows, t] = y_log_probs.masked_fill(done, 0.0)

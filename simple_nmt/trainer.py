@@ -419,9 +419,12 @@ class RunInfo:
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's config as it runs (``engine.config``, with the phase), the fields, and the names of the
-        parameters that do not train (restored frozen, so that an optimizer over the others resumes)."""
+        parameters that do not train (frozen, or outside the optimizer): restored frozen, so that an
+        optimizer over the others resumes."""
         (src_vocab, src_spm), (tgt_vocab, tgt_spm) = self.src_field.stored(), self.tgt_field.stored()
-        frozen = [name for name, p in self.engine.raw_model.named_parameters() if not p.requires_grad]
+        trained = {id(p) for group in self.engine.optimizer.param_groups for p in group["params"]}
+        frozen = [name for name, p in self.engine.raw_model.named_parameters()
+                  if not p.requires_grad or id(p) not in trained]
         return {"config": {**self.engine.config.to_dict(), "phase": self.engine.phase}, "src_vocab": src_vocab,
                 "tgt_vocab": tgt_vocab, "src_spm": src_spm, "tgt_spm": tgt_spm, "frozen": frozen, **self.extra}
 

@@ -79,9 +79,15 @@ def test_a_checkpoint_records_the_optimizer_and_rate_that_ran(toy_dir, tmp_path)
     assert "epoch 2: loss=" in proc.stdout
 
 
-def test_an_optimizer_over_the_trainable_parameters_only_resumes(toy_dir, tmp_path):
-    engine = train_one_epoch(toy_dir, tmp_path / "m.pth", freeze=("encoder",))
-    frozen = {name for name, p in engine.raw_model.named_parameters() if not p.requires_grad}
+@pytest.mark.parametrize("how", ["requires_grad", "left out of the optimizer"])
+def test_an_optimizer_over_the_trainable_parameters_only_resumes(toy_dir, tmp_path, how):
+    if how == "requires_grad":
+        engine = train_one_epoch(toy_dir, tmp_path / "m.pth", freeze=("encoder",))
+        frozen = {name for name, p in engine.raw_model.named_parameters() if not p.requires_grad}
+    else:
+        engine = train_one_epoch(toy_dir, tmp_path / "m.pth", make_optimizer=lambda params: torch.optim.Adam(
+            [p for p in params if p.dim() > 1], lr=3e-3))  # biases and norms stay as they are
+        frozen = {name for name, p in engine.raw_model.named_parameters() if p.dim() == 1}
     checkpoint = load_checkpoint(tmp_path / "m.epoch1.pth")
     assert frozen and set(checkpoint["meta"]["frozen"]) == frozen
     run_main(cli.main_continue, "--load_fn", str(tmp_path / "m.epoch1.pth"), "--model_fn",
@@ -195,6 +201,8 @@ def test_load_reads_a_hugging_face_folder_and_an_empty_line_stays_empty(tmp_path
     out = run_main(cli.main_translate, "--hf_model", str(tmp_path / "marian"), "--beam_size", "2", "--max_length",
                    "10", stdin="".join(line + "\n" for line in lines)).stdout
     assert out.split("\n")[:-1] == outputs
+    mbr = loaded.translate(lines, mbr=4, max_length=10)  # a Hugging Face model's samples, too
+    assert mbr[1:3] == ["", ""] and mbr[0] and mbr[3]
 
 
 def test_a_hugging_face_model_trained_on_the_librarys_special_ids_is_refused(toy_dir):
@@ -212,3 +220,43 @@ def test_a_hugging_face_model_trained_on_the_librarys_special_ids_is_refused(toy
     with pytest.raises(ValueError, match=f"not the model's BOS {model.special_ids.bos}"):
         engine.run([collate(examples)], max_epochs=1)
     engine.run([collate(examples, tgt_field.special_ids)], max_epochs=1)
+
+
+# Minimum Bayes risk decoding (translate.py --mbr)
+
+
+def test_mbr_outputs_the_candidates_of_the_highest_expected_utility(tiny_checkpoint):
+    from simple_nmt.mbr import mbr_select
+
+    loaded = simple_nmt.load(tiny_checkpoint)
+    lines = ["a dog sees the cat", "the old man finds a bird in the park"]
+    torch.manual_seed(3)
+    out = loaded.translate(lines, mbr=16, n_best=3, epsilon=0.02)
+    # the same samples, drawn again from the same seed: the lines are decoded in one batch, shortest first
+    torch.manual_seed(3)
+    batch = collate([(0, loaded.src_field.to_ids(line), []) for line in lines])
+    ids, _ = loaded.model.search(batch["src"], batch["src_lengths"], is_greedy=False, max_length=255, n_samples=16,
+                                 epsilon=0.02)
+    texts = [loaded.tgt_field.to_text(row) for row in ids.tolist()]
+    candidates = [texts[:16], texts[16:]]
+    result = mbr_select(candidates)
+    assert out == [[c[i] for i in order[:3]] for c, order in zip(candidates, result.ranking())]
+    assert [o[0] for o in out] == [c[i] for c, i in zip(candidates, result.selected)]
+
+
+def test_mbr_from_the_command_line(tiny_checkpoint, tmp_path):
+    lines = "a dog sees the cat\n\nthe cat helps a boy\n"
+    beam = run_main(cli.main_translate, "--model_fn", str(tiny_checkpoint), "--beam_size", "4", "--n_best", "4",
+                    stdin=lines).stdout.split("\n")
+    for args in (["--mbr_candidates", "beam"], ["--mbr_utility", "chrf", "--mbr_references", "8"]):
+        out = run_main(cli.main_translate, "--model_fn", str(tiny_checkpoint), "--mbr", "4", "--n_best", "2",
+                       *args, stdin=lines).stdout.split("\n")
+        assert out[1] == "\t" and all(len(line.split("\t")) == 2 for line in out[:3])
+        if args[1] == "beam":  # the beam's 4-best, in another order
+            assert all(set(o.split("\t")) <= set(b.split("\t")) for o, b in zip(out[:3], beam))
+    again = [run_main(cli.main_translate, "--model_fn", str(tiny_checkpoint), "--mbr", "8", "--seed", "4",
+                      stdin=lines).stdout for _ in range(2)]
+    assert again[0] == again[1]  # the samples follow --seed
+    proc = run_main(cli.main_translate, "--model_fn", str(tiny_checkpoint), "--mbr", "2", "--n_best", "3",
+                    stdin=lines, check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: --n_best 3: --mbr 2 gives 2 candidates per line\n"

@@ -63,7 +63,7 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
     mle_bytes = (out / "mle.pth").read_bytes()
     proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--models", "transformer",
                   "--workdir", str(work), "--rl_only", "--rl_options", "--rl_n_samples 3", "--rl_sentences", "20",
-                  "--average", "2")
+                  "--average", "2", "--mbr_options", "--mbr 4 --mbr_utility chrf")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "$ python train.py" not in proc.stdout
     rl_command = next(line for line in proc.stdout.splitlines() if line.startswith("$ python continue_train.py"))
@@ -78,6 +78,9 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
         assert (out / f"rl_train.{lang}").read_text(encoding="utf-8").splitlines() == train[:20]
     assert (out / "mle.pth").read_bytes() == mle_bytes
     again = json.loads((work / "results.json").read_text())["transformer.tok"]
+    for phase in ("mle", "rl"):  # and decoded with MBR too
+        assert f"--output {out / f'val.{phase}.mbr.de'} --mbr 4 --mbr_utility chrf" in proc.stdout
+        assert 0 <= again[f"{phase}_val_mbr"] <= 100 and 0 <= again[f"{phase}_test_2016_flickr_mbr"] <= 100
     assert again["mle_valid_bleu_per_epoch"] == results["transformer.tok"]["mle_valid_bleu_per_epoch"]
 
 

@@ -632,3 +632,31 @@ def test_as_reward_passthrough_and_names(pairs):
     torch.testing.assert_close(as_reward("gleu", n_gram=2)(h, r), sentence_gleu(h, r, PAD, max_order=2))
     with pytest.raises(ValueError, match="unknown reward"):
         as_reward("nope")
+
+
+def test_score_candidates_gives_to_text_the_ids_without_eos_and_pad():
+    seen = []
+
+    def to_text(ids):
+        seen.append(list(ids))
+        return " ".join(map(str, ids))
+
+    def length(hyps, refs, hyp_text, ref_text):
+        return torch.tensor([len(h.split()) - len(r.split()) for h, r in zip(hyp_text, ref_text)])
+
+    candidates = torch.tensor([[[5, 6, EOS, 7], [5, PAD, PAD, PAD]]])
+    scores = score_candidates(candidates, candidates, length, to_text=to_text)
+    assert scores.tolist() == [[[0.0, 1.0], [-1.0, 0.0]]]
+    assert all(PAD not in ids and EOS not in ids for ids in seen)
+
+
+def test_sentence_bleu_in_float64_is_sacrebleu_to_1e_9():
+    import sacrebleu
+
+    g = torch.Generator().manual_seed(0)
+    hyps, refs = torch.randint(4, 12, (200, 15), generator=g), torch.randint(4, 12, (200, 12), generator=g)
+    scores = sentence_bleu(hyps, refs, PAD, dtype=torch.float64)
+    bleu = sacrebleu.metrics.BLEU(tokenize="none", effective_order=True)
+    expected = [bleu.sentence_score(" ".join(map(str, h)), [" ".join(map(str, r))]).score
+                for h, r in zip(hyps.tolist(), refs.tolist())]
+    assert scores.dtype == torch.float64 and scores.tolist() == pytest.approx(expected, rel=0, abs=1e-9)

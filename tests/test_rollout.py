@@ -295,3 +295,16 @@ def test_the_kl_penalty_start_model_is_a_checkpoint_object():
     assert "reference" not in plain.checkpoint_objects()
     objects = kl.checkpoint_objects()
     assert objects["reference"] is kl.reference and objects.keys() - {"reference"} == plain.checkpoint_objects().keys()
+
+
+def test_rl_epsilon_reaches_the_search_and_is_left_out_when_off():
+    seen = []
+
+    class Spy(Unigram):
+        def search(self, *args, **kwargs):
+            seen.append(kwargs.get("epsilon"))
+            return super().search(*args, **kwargs)
+
+    for epsilon in (0.0, 0.05):
+        engine_for(Spy(), rl_epsilon=epsilon).rollout(make_batch())
+    assert seen == [None, 0.05]

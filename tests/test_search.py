@@ -878,3 +878,56 @@ def test_greedy_and_sampling_read_logits_unless_decode_step_is_overridden(cls):
         for is_greedy in (True, False):
             ids, _ = m.search(src, lengths, is_greedy=is_greedy, max_length=6)
             assert not bool((ids == EOS).any())
+
+
+# Epsilon sampling (Hewitt et al., 2022)
+
+
+def test_epsilon_drops_the_tokens_below_it_and_keeps_the_most_probable():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]])
+    kept = filter_logits(probs.log(), epsilon=0.1).isfinite()
+    assert kept.tolist() == [[True, True, True, False], [True, True, True, True], [True, True, True, True]]
+    # every token below epsilon: the most probable alone is kept
+    assert filter_logits(probs.log(), epsilon=0.6).isfinite().tolist() == [[True, False, False, False],
+                                                                          [True, False, False, False],
+                                                                          [True, False, False, False]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_epsilon_sampling_never_draws_a_token_below_epsilon(temperature):
+    model = make_tiny_model(Transformer, 12, 15, seed=2)
+    src, lengths = torch.randint(4, 12, (6, 5)), torch.full((6,), 5)
+    epsilon = 0.05
+    torch.manual_seed(0)
+    ids, _ = model.search(src, lengths, is_greedy=False, max_length=8, n_samples=20, temperature=temperature,
+                          epsilon=epsilon)
+    # the distribution each token was drawn from: teacher forcing, at the temperature, PAD and BOS left out
+    tgt_in = torch.cat([torch.full_like(ids[:, :1], BOS), ids[:, :-1]], dim=1)
+    with torch.no_grad():
+        log_probs = model(src.repeat_interleave(20, 0), lengths.repeat_interleave(20, 0), tgt_in)
+    logits = log_probs / temperature
+    logits[..., [PAD, BOS]] = float("-inf")
+    probs = logits.softmax(dim=-1)  # |probs| = (rows, length, vocab_size)
+    drawn = probs.gather(2, ids[:, :, None]).squeeze(2)
+    live = ~((ids == EOS).long().cumsum(dim=1) - (ids == EOS).long()).bool() & (ids != PAD)
+    is_best = ids == probs.argmax(dim=-1)
+    assert bool(((drawn >= epsilon - 1e-6) | is_best)[live].all())
+    # without the cut some draws fall below epsilon: the test could fail
+    torch.manual_seed(0)
+    plain, _ = model.search(src, lengths, is_greedy=False, max_length=8, n_samples=20, temperature=temperature)
+    tgt_in = torch.cat([torch.full_like(plain[:, :1], BOS), plain[:, :-1]], dim=1)
+    with torch.no_grad():
+        logits = model(src.repeat_interleave(20, 0), lengths.repeat_interleave(20, 0), tgt_in) / temperature
+    logits[..., [PAD, BOS]] = float("-inf")
+    below = logits.softmax(dim=-1).gather(2, plain[:, :, None]).squeeze(2) < epsilon
+    assert bool((below & (plain != PAD)).any())
+
+
+def test_epsilon_zero_is_plain_sampling():
+    model = make_tiny_model(Seq2Seq, 12, 15, seed=1)
+    src, lengths = torch.randint(4, 12, (3, 4)), torch.full((3,), 4)
+    torch.manual_seed(5)
+    plain = model.search(src, lengths, is_greedy=False, max_length=9, n_samples=4)
+    torch.manual_seed(5)
+    zero = model.search(src, lengths, is_greedy=False, max_length=9, n_samples=4, epsilon=0.0)
+    assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1], zero[1])

@@ -273,13 +273,16 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
         "--train", str(rl_train), *where, "--verbose", "1", *profile["rl"],
         *profile.get(f"rl_{model}", []), *shlex.split(args.rl_options), **common)
     row["rl_minutes"] = round((time.time() - start) / 60, 1)
+    decodings = {"": ["--beam_size", args.beam_size]}
+    if args.mbr_options:  # and with minimum Bayes risk decoding
+        decodings["_mbr"] = shlex.split(args.mbr_options)
     for phase in ("mle", "rl"):
         for split in ("test_2016_flickr", "val"):
-            hyp = out / f"{split}.{phase}.de"
-            run("translate.py", "--model_fn", str(checkpoints[phase]),
-                "--input", f"{prefix(split)}.en", "--output", str(hyp),
-                "--beam_size", args.beam_size, *where, **common)
-            row[f"{phase}_{split}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
+            for tag, decoding in decodings.items():
+                hyp = out / f"{split}.{phase}{tag.replace('_', '.')}.de"
+                run("translate.py", "--model_fn", str(checkpoints[phase]),
+                    "--input", f"{prefix(split)}.en", "--output", str(hyp), *decoding, *where, **common)
+                row[f"{phase}_{split}{tag}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
     if model == "marian":
         row["transformers_agrees"] = transformers_agreement(out / "rl.hf", Path(f"{prefix('val')}.en"), out, 200, args,
                                                     common)
@@ -334,6 +337,9 @@ def main() -> None:
     p.add_argument("--protocols", default="tok,raw", help="comma-separated: tok, raw")
     p.add_argument("--workdir", type=Path, default=Path("runs/multi30k"), help="outputs")
     p.add_argument("--beam_size", default="5", help="beam size for test and validation translations")
+    p.add_argument("--mbr_options", default="",
+                   help='also translate test and validation with these translate.py options of minimum Bayes risk '
+                        'decoding, e.g. "--mbr 64 --mbr_utility chrf" (scores: PHASE_SPLIT_mbr)')
     p.add_argument("--rl_only", action="store_true",
                    help="keep the MLE checkpoints of an earlier run in WORKDIR and redo RL and the scores")
     p.add_argument("--mle_options", default="",

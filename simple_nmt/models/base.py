@@ -115,11 +115,12 @@ class EncoderDecoder(nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         n_samples: int = 1,
+        epsilon: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy decoding or sampling; see ``simple_nmt.search.sample_search``."""
         return decoding.sample_search(
             self, src, src_lengths, is_greedy=is_greedy, max_length=max_length,
-            temperature=temperature, top_k=top_k, top_p=top_p, n_samples=n_samples,
+            temperature=temperature, top_k=top_k, top_p=top_p, n_samples=n_samples, epsilon=epsilon,
         )
 
     def batch_beam_search(
