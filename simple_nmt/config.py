@@ -203,6 +203,11 @@ class DataOptions(Options):
                                  minimum=0, source=FIXED)
     encoding_errors: str = option("strict", "non-UTF-8 bytes: stop with an error, or replace them and count "
                                             "the lines", choices=("strict", "replace"))
+    cache_dir: str | None = option(
+        None, "folder of the encoded training corpus, memory-mapped and reused by later runs and every torchrun "
+              "rank (default: PREFIX.LANG.cache beside the training files, e.g. data/train.ende.cache, or in "
+              "~/.cache/simple-nmt where the data folder is read-only; off: encode in memory every run)",
+        source=LOCAL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import ignite.distributed as idist
 from torch.utils.data import DataLoader
 
+from simple_nmt.cache import (
+    CacheError,
+    CorpusArrays,
+    cacheable,
+    count_tokens,
+    default_processes,
+    fields_digest,
+    file_digest,
+    load_fields,
+    make_key,
+    save_fields,
+    write_arrays,
+)
 from simple_nmt.config import (
     Config,
     ConfigError,
 )
 from simple_nmt.data import (
+    SPM_SAMPLE_SIZE,
     BucketBatchSampler,
     DataError,
     ParallelDataset,
@@ -27,8 +43,14 @@ from simple_nmt.data import (
 )
 
 
-def build_fields(config: Config, src_lines: list[str], tgt_lines: list[str]) -> tuple[TextField, TextField]:
-    """Tokenizers (SentencePiece if ``--spm_vocab_size``) and vocabularies from the training text."""
+def build_fields(config: Config, src_lines: list[str], tgt_lines: list[str], processes: int = 1
+                 ) -> tuple[TextField, TextField]:
+    """Tokenizers (SentencePiece if ``--spm_vocab_size``, trained on at most ``SPM_SAMPLE_SIZE`` sentences)
+    and vocabularies from the training text.
+
+    Args:
+        processes: processes that count the tokens of a large corpus.
+    """
     fields = []
     for lang, lines in zip(split_lang(config.lang), (src_lines, tgt_lines)):
         if config.spm_vocab_size > 0:
@@ -41,13 +63,98 @@ def build_fields(config: Config, src_lines: list[str], tgt_lines: list[str]) -> 
                                   f"{config.train}.{lang}; {hint}") from None
         else:
             tokenizer = Tokenizer()
-        vocab = Vocab.build([tokenizer.encode(line) for line in lines], config.max_vocab, config.min_freq)
+        vocab = Vocab.from_counts(count_tokens(tokenizer, lines, processes), config.max_vocab, config.min_freq)
         fields.append(TextField(tokenizer, vocab))
     return fields[0], fields[1]
 
 
+def cache_folder(config: Config) -> Path | None:
+    """The corpus cache of ``config`` (``--cache_dir``, by default beside the training files, or in the user's
+    cache folder, ``$XDG_CACHE_HOME/simple-nmt`` or ``~/.cache/simple-nmt``, where that folder cannot be
+    written: a read-only data set); None when off."""
+    if config.cache_dir == "off":
+        return None
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    beside = Path(f"{config.train}.{config.lang}.cache")
+    if os.access(beside.parent, os.W_OK | os.X_OK):
+        return beside
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simple-nmt" / beside.name
+
+
+def cached_corpus(config: Config, fields: tuple[TextField, TextField] | None, folder: Path,
+                  log: Callable[[str], None]) -> tuple[tuple[TextField, TextField], CorpusArrays]:
+    """The fields (``fields``, or those built from the training text) and the encoded training pairs,
+    memory-mapped from the cache ``folder``.
+
+    Under torchrun rank 0 builds what the cache lacks while the other ranks wait, then they map it.
+    """
+    digests = [file_digest(f"{config.train}.{lang}") for lang in split_lang(config.lang)]
+    fields_fn = folder / "fields-{}.json".format(make_key(
+        "fields", digests, config.lang, config.encoding_errors, config.spm_vocab_size, config.max_vocab,
+        config.min_freq, config.seed if config.spm_vocab_size else None, SPM_SAMPLE_SIZE))
+
+    def entry(fields: tuple[TextField, TextField]) -> tuple[Path, str, tuple[int, int]]:
+        key = make_key("corpus", digests, config.lang, config.encoding_errors, fields_digest(fields))
+        return folder / key, key, (len(fields[0]), len(fields[1]))
+
+    error = None
+    if idist.get_rank() == 0:
+        try:
+            fields, arrays = _open_or_build(config, fields, fields_fn, entry, log)
+        except (DataError, ConfigError) as e:  # the other ranks stop too, when they find no cache
+            error = e
+    idist.barrier()
+    if error is not None:
+        raise error
+    if idist.get_rank() != 0:
+        try:
+            fields = fields or load_fields(fields_fn)
+            arrays = CorpusArrays(*entry(fields))
+        except CacheError as e:
+            raise CacheError(f"{e} (rank 0 did not write it)") from None
+    return fields, arrays
+
+
+def _open_or_build(config: Config, fields: tuple[TextField, TextField] | None, fields_fn: Path,
+                   entry: Callable[[tuple[TextField, TextField]], tuple[Path, str, tuple[int, int]]],
+                   log: Callable[[str], None]) -> tuple[tuple[TextField, TextField], CorpusArrays]:
+    """What ``cached_corpus`` maps, built first where the cache lacks it or holds it damaged."""
+    if fields is None and fields_fn.exists():
+        try:
+            fields = load_fields(fields_fn)
+        except CacheError as e:
+            log(f"{e}; building it again")
+    if fields is not None:
+        folder = entry(fields)[0]
+        try:
+            arrays = CorpusArrays(*entry(fields))
+            log(f"{folder}: reusing the encoded training corpus")
+            return fields, arrays
+        except CacheError as e:
+            if folder.exists():
+                log(f"{e}; building it again")
+    src, tgt, n_replaced = read_parallel(config.train, config.lang, config.encoding_errors)
+    processes = default_processes()
+    try:
+        if fields is None:
+            fields = build_fields(config, src, tgt, processes)
+            save_fields(fields_fn, fields)
+        folder, key, _ = entry(fields)
+        write_arrays(folder, key, fields, (src, tgt), n_replaced, processes)
+    except OSError as e:
+        raise DataError(f"{fields_fn.parent}: cannot write the corpus cache ({e.strerror or e}); pass --cache_dir "
+                        "a writable folder, or --cache_dir off") from None
+    log(f"{folder}: encoded the training corpus ({len(src)} pairs)")
+    return fields, CorpusArrays(*entry(fields))
+
+
 class Corpus:
     """Training and validation data of a run, ready for the loaders.
+
+    The training pairs are encoded once into the corpus cache (``--cache_dir``) and memory-mapped
+    from it by later runs and every torchrun rank; with ``--cache_dir off`` or a Hugging Face
+    model's fields they are encoded in memory.
 
     Args:
         fields: the source and target fields (built from the training text when None).
@@ -56,14 +163,21 @@ class Corpus:
     def __init__(self, config: Config, fields: tuple[TextField, TextField] | None, log: Callable[[str], None]):
         if not config.train or not config.valid:
             raise DataError("--train and --valid are required")
-        src, tgt, n_replaced = read_parallel(config.train, config.lang, config.encoding_errors)
-        self.train_lines = src, tgt  # the raw lines, by line number: what text rewards score against
-        self.fields = fields or build_fields(config, src, tgt)
+        folder = cache_folder(config)
+        if folder is not None and (fields is None or cacheable(fields)):
+            self.fields, arrays = cached_corpus(config, fields, folder, log)
+            src, tgt, n_replaced = arrays.src, arrays.tgt, arrays.n_replaced
+            self.train_lines = arrays.src_lines, arrays.tgt_lines
+        else:
+            src_lines, tgt_lines, n_replaced = read_parallel(config.train, config.lang, config.encoding_errors)
+            self.train_lines = src_lines, tgt_lines  # the raw lines, by line number: what text rewards score against
+            self.fields = fields or build_fields(config, src_lines, tgt_lines)
+            src = [self.fields[0].to_ids(x) for x in src_lines]
+            tgt = [self.fields[1].to_ids(y) for y in tgt_lines]
         # the target field's special ids (a Hugging Face model's own) pad and bracket the batches
         self.collate = functools.partial(collate, ids=self.fields[1].special_ids)
         src_field, tgt_field = self.fields
-        self.train = ParallelDataset([src_field.to_ids(x) for x in src], [tgt_field.to_ids(y) for y in tgt],
-                                     config.max_length)
+        self.train = ParallelDataset(src, tgt, config.max_length)
         log(f"{config.train}: {len(src)} pairs, {len(self.train)} kept, {self.train.n_dropped} dropped "
             f"(longer than --max_length {config.max_length}); vocabularies {len(src_field)} / "
             f"{len(tgt_field)}" + (f"; {n_replaced} lines with replaced bytes" if n_replaced else ""))

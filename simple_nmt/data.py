@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -122,6 +123,10 @@ class Tokenizer:
         """Split a line into tokens."""
         return text.split()
 
+    def encode_batch(self, lines: Sequence[str]) -> list[list[str]]:
+        """Split lines into tokens: ``encode`` of each."""
+        return [self.encode(line) for line in lines]
+
     def decode(self, tokens: Sequence[str]) -> str:
         """Join tokens into a line."""
         return " ".join(tokens)
@@ -129,6 +134,9 @@ class Tokenizer:
     def model_bytes(self) -> bytes | None:
         """The serialised model to store in a checkpoint (none for whitespace)."""
         return None
+
+
+SPM_SAMPLE_SIZE = 1_000_000  # the most sentences SentencePiece trains on; a larger corpus is sampled
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -141,20 +149,26 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = spm.SentencePieceProcessor(model_proto=model)
 
     @classmethod
-    def train(cls, lines: Sequence[str], vocab_size: int, seed: int = 1) -> SentencePieceTokenizer:
+    def train(cls, lines: Sequence[str], vocab_size: int, seed: int = 1,
+              sample_size: int = SPM_SAMPLE_SIZE) -> SentencePieceTokenizer:
         """Train a unigram SentencePiece model on ``lines``.
 
         Args:
             lines: training sentences (raw text).
             vocab_size: the number of pieces.
             seed: the sampling seed of the trainer (for reproducibility).
+            sample_size: the most sentences the trainer learns from: a larger corpus is sampled
+                (SentencePiece's own ``input_sentence_size`` and ``shuffle_input_sentence``).
         """
         import sentencepiece as spm
 
+        text = [line for line in lines if line.strip()]
+        # a smaller corpus is read whole, in order: sampling options change the model even when all is kept
+        sample = {"input_sentence_size": sample_size, "shuffle_input_sentence": True} if len(text) > sample_size else {}
         buffer = io.BytesIO()
         spm.set_random_generator_seed(seed)
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter([line for line in lines if line.strip()]),
+            sentence_iterator=iter(text),
             model_writer=buffer,
             vocab_size=vocab_size,
             model_type="unigram",
@@ -162,11 +176,15 @@ class SentencePieceTokenizer(Tokenizer):
             hard_vocab_limit=False,
             num_threads=1,
             minloglevel=2,
+            **sample,
         )
         return cls(buffer.getvalue())
 
     def encode(self, text: str) -> list[str]:
         return self._sp.encode(text, out_type=str)
+
+    def encode_batch(self, lines: Sequence[str]) -> list[list[str]]:
+        return self._sp.encode(list(lines), out_type=str)
 
     def decode(self, tokens: Sequence[str]) -> str:
         return self._sp.decode_pieces(list(tokens))
@@ -198,7 +216,11 @@ class Vocab:
             max_vocab: the most ids, specials included (0: no limit).
             min_freq: tokens seen fewer times map to UNK.
         """
-        counts = Counter(token for sentence in sentences for token in sentence)
+        return cls.from_counts(Counter(token for sentence in sentences for token in sentence), max_vocab, min_freq)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[str], max_vocab: int = 0, min_freq: int = 1) -> Vocab:
+        """Build from token counts, most frequent first (``build``'s arguments)."""
         words = sorted((w for w, c in counts.items() if c >= min_freq and w not in SPECIALS),
                        key=lambda w: (-counts[w], w))
         if max_vocab > 0:
@@ -249,30 +271,41 @@ class ParallelDataset(torch.utils.data.Dataset):
     """Pairs of id lists, pairs longer than ``max_length`` tokens dropped.
 
     An example is ``(index, src, tgt)``: ``index`` is the pair's line number in the
-    lists given (counted from 0), kept when longer pairs before it are dropped, so that
-    it finds the pair's raw lines (``collate`` puts it in the batch as ``index``).
+    sequences given (counted from 0), kept when longer pairs before it are dropped, so that
+    it finds the pair's raw lines (``collate`` puts it in the batch as ``index``). The
+    sequences are kept as given (lists, or the memory-mapped arrays of a corpus cache, whose
+    ``lengths`` attribute gives every sequence's length without reading it).
     """
 
     def __init__(self, src: Sequence[list[int]], tgt: Sequence[list[int]], max_length: int = 0):
         if len(src) != len(tgt):
             raise ValueError(f"{len(src)} sources but {len(tgt)} targets")
-        self.line_numbers = [
-            i for i in range(len(src))
-            if max_length <= 0 or (len(src[i]) <= max_length and len(tgt[i]) <= max_length)
-        ]
+        src_lengths, tgt_lengths = sequence_lengths(src), sequence_lengths(tgt)  # (N,) each
+        keep = ((src_lengths <= max_length) & (tgt_lengths <= max_length) if max_length > 0
+                else np.ones(len(src), dtype=bool))
+        self.line_numbers = np.flatnonzero(keep)  # (kept,)
         self.n_dropped = len(src) - len(self.line_numbers)
-        self.src = [src[i] for i in self.line_numbers]
-        self.tgt = [tgt[i] for i in self.line_numbers]
+        self.src, self.tgt = src, tgt
+        self._lengths = src_lengths[keep], tgt_lengths[keep]  # (kept,) each
 
     def __len__(self) -> int:
-        return len(self.src)
+        return len(self.line_numbers)
 
     def __getitem__(self, i: int) -> tuple[int, list[int], list[int]]:
-        return self.line_numbers[i], self.src[i], self.tgt[i]
+        line = int(self.line_numbers[i])
+        return line, self.src[line], self.tgt[line]
 
-    def lengths(self) -> list[tuple[int, int]]:
-        """(source length, target length) of every pair, for batching."""
-        return [(len(s), len(t)) for s, t in zip(self.src, self.tgt)]
+    def lengths(self) -> np.ndarray:
+        """(N, 2) int32: the source and target length of every pair, for batching."""
+        return np.stack(self._lengths, axis=1)
+
+
+def sequence_lengths(seqs: Sequence[Sequence[int]]) -> np.ndarray:
+    """The length of every sequence, (N,) int32: the ``lengths`` attribute of ``seqs`` if it has one."""
+    lengths = getattr(seqs, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int32)
+    return np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD) -> torch.Tensor:
@@ -318,7 +351,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __init__(
         self,
-        lengths: Sequence[tuple[int, int]],
+        lengths: Sequence[tuple[int, int]] | np.ndarray,
         batch_size: int = 64,
         max_tokens: int = 0,
         shuffle: bool = True,
@@ -327,33 +360,40 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rank: int = 0,
         equal_shards: bool = True,
     ):
-        self.lengths = list(lengths)
+        self.lengths = np.asarray(lengths, dtype=np.int32).reshape(-1, 2)  # (N, 2): source, target
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed = shuffle, seed
         self.num_replicas, self.rank, self.equal_shards = num_replicas, rank, equal_shards
         self.epoch, self.skip = 0, 0
+        self._made: tuple[int, list[np.ndarray]] | None = None  # the epoch and its batches, made once
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Choose the epoch whose order to produce, leaving out its first ``skip`` batches
         (of this rank's share) when a run resumes in the middle of the epoch."""
         self.epoch, self.skip = epoch, skip
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self) -> list[np.ndarray]:
+        if self._made is None or self._made[0] != self.epoch:
+            self._made = self.epoch, self._make_batches()
+        return self._made[1]
+
+    def _make_batches(self) -> list[np.ndarray]:
         rng = random.Random(self.seed * 100_003 + self.epoch)
-        keys = [rng.random() if self.shuffle else 0.0 for _ in self.lengths]
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], keys[i]))
-        batches, batch, width = [], [], 0
-        for i in order:
-            new_width = max(width, *self.lengths[i])
-            full = (len(batch) >= self.batch_size if self.max_tokens <= 0
-                    else new_width * (len(batch) + 1) > self.max_tokens)
-            if batch and full:
-                batches.append(batch)
-                batch, new_width = [], max(self.lengths[i])
-            batch.append(i)
-            width = new_width
-        if batch:
-            batches.append(batch)
+        n = len(self.lengths)
+        keys = np.fromiter((rng.random() for _ in range(n)), np.float64, n) if self.shuffle else np.zeros(n)  # (N,)
+        # by source length, target length, then the random key; stable, so ties keep their index order
+        order = np.lexsort((keys, self.lengths[:, 1], self.lengths[:, 0]))  # (N,)
+        if self.max_tokens <= 0:
+            batches = np.split(order, range(self.batch_size, n, self.batch_size)) if n else []
+        else:
+            starts, width, size = [], 0, 0
+            for position, longer in enumerate(self.lengths.max(axis=1)[order].tolist()):
+                new_width = max(width, longer)
+                if size and new_width * (size + 1) > self.max_tokens:
+                    starts.append(position)
+                    size, new_width = 0, longer
+                size, width = size + 1, new_width
+            batches = np.split(order, starts) if n else []
         if self.shuffle:
             rng.shuffle(batches)
         if self.equal_shards:
@@ -361,7 +401,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches()[self.skip:])
+        return (batch.tolist() for batch in self._batches()[self.skip:])
 
     def __len__(self) -> int:
         return len(self._batches())

@@ -108,7 +108,7 @@ def test_every_option_says_where_continue_train_takes_it_from():
     sources = {f.name: f.metadata["source"] for f in dataclasses.fields(Config)}
     assert set(sources.values()) == {FIXED, INHERITED, LOCAL}
     assert {k for k, v in sources.items() if v == LOCAL} == {"gpu_id", "precision", "model_fn", "verbose",
-                                                               "tensorboard_dir", "hf_model"}
+                                                               "tensorboard_dir", "hf_model", "cache_dir"}
     assert {"use_transformer", "hidden_size", "n_layers", "tie_embeddings", "spm_vocab_size", "lang"} <= {
         k for k, v in sources.items() if v == FIXED}
     text = options.continue_parser().format_help()
