@@ -98,12 +98,8 @@ def main_translate(argv: Sequence[str] | None = None) -> None:
             if lines and lines[-1] == "":
                 lines.pop()
         torch.manual_seed(config.seed)  # the samples of --mbr
-        outputs = loaded.translate(lines, beam_size=config.beam_size, n_best=config.n_best,
-                                   length_penalty=config.length_penalty, max_length=config.max_length,
-                                   max_length_ratio=config.max_length_ratio, batch_size=config.batch_size,
-                                   mbr=config.mbr, mbr_candidates=config.mbr_candidates, epsilon=config.epsilon,
-                                   mbr_references=config.mbr_references, mbr_utility=config.mbr_utility)
-    text = "".join(("\t".join(line) if config.n_best > 1 else line) + "\n" for line in outputs)
+        outputs = loaded.translate_n_best(lines, config)
+    text = "".join("\t".join(per_line) + "\n" for per_line in outputs)
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
         Path(config.output).write_text(text, encoding="utf-8")

@@ -227,11 +227,16 @@ class LoadedModel:
                                    max_length=max_length, max_length_ratio=max_length_ratio, batch_size=batch_size,
                                    mbr=mbr, mbr_candidates=mbr_candidates, epsilon=epsilon,
                                    mbr_references=mbr_references, mbr_utility=mbr_utility)
-        if isinstance(self.model, HuggingFaceModel):
-            check_hf_length(self.model, max_length)
-        with self.precision.autocast():
-            outputs = translate_lines(self.model, self.src_field, self.tgt_field, list(lines), options, self.device)
+        outputs = self.translate_n_best(lines, options)
         return outputs if n_best > 1 else [per_line[0] for per_line in outputs]
+
+    def translate_n_best(self, lines: Sequence[str], options: TranslateOptions) -> list[list[str]]:
+        """``translate`` with its options as translate.py's ``TranslateOptions``: ``options.n_best``
+        translations per line, best first."""
+        if isinstance(self.model, HuggingFaceModel):
+            check_hf_length(self.model, options.max_length)
+        with self.precision.autocast():
+            return translate_lines(self.model, self.src_field, self.tgt_field, list(lines), options, self.device)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
