@@ -1,36 +1,43 @@
-"""The encoded training corpus on disk: built once, then memory-mapped by later runs and every torchrun rank.
+"""The encoded training corpus on disk: built once, then read from disk by later runs and every torchrun rank.
 
 A cache folder (``--cache_dir``; by default ``PREFIX.SRCTGT.cache`` beside the training files,
 e.g. ``data/train.ende.cache``) holds, in numpy's own format (``np.save``, read back with
-``np.load(mmap_mode="r")``)::
+``np.load``)::
 
     fields-KEY.json      the fields built from the training text (vocabularies, SentencePiece models);
                          KEY: the files' contents and the options that build them
     KEY/                 the training pairs encoded with one pair of fields; KEY: the files' contents,
                          --lang, --encoding_errors and the fields
         manifest.json    written last: format, version, key, pairs, every array's shape and dtype
+        lengths.npy      (N, 2) int32: every pair's source and target length, in tokens
         src.ids.npy      every source id, one pair after another (uint16; int32 past 65,536 ids)
         src.offsets.npy  (N + 1,) int64: pair i's ids are ids[offsets[i]:offsets[i + 1]]
         src.text.npy     the raw lines as UTF-8 bytes (uint8), with src.text_offsets.npy (N + 1,)
         tgt.*            the same for the target side
 
-``--max_length`` is applied when the cache is read (from the offsets), so one cache serves
-every length limit. An entry is written into a temporary folder and renamed into place, so
-a half-written one is never read.
+``--max_length`` is applied when the cache is read (from the lengths), so one cache serves
+every length limit. A run reads the lengths into memory and the rest by position (``os.pread``) as
+its batches ask for it: it holds the lengths and the pairs it reads. The offsets are checked when
+an entry is opened, read from the files in chunks. An entry is written into a temporary
+folder and renamed into place, so a half-written one is never read.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
+import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -45,7 +52,7 @@ from simple_nmt.data import (
     tokenizer_from_bytes,
 )
 
-FORMAT, VERSION = "simple_nmt corpus cache", 1
+FORMAT, VERSION = "simple_nmt corpus cache", 2
 CHUNK_LINES = 10_000  # lines per task of the encoding processes
 PARALLEL_LINES = 200_000  # fewer lines are encoded in this process
 SIDES = ("src", "tgt")
@@ -55,41 +62,100 @@ class CacheError(DataError):
     """A cache entry that cannot be read; the message is one line naming it."""
 
 
-class IdArray(Sequence):
-    """Memory-mapped id lists: item i is ``ids[offsets[i]:offsets[i + 1]]`` as a list.
+class TokenizerTrainingError(RuntimeError):
+    """SentencePiece could not train the model of job ``index`` of ``train_tokenizers``; the message is its own."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+class Encoded(NamedTuple):
+    """Lines as ids: every line's ids, one line after another, and every line's length."""
+
+    ids: np.ndarray  # (total,)
+    lengths: np.ndarray  # (N,) int32
+
+    def split(self, n: int) -> tuple[Encoded, Encoded]:
+        """The first ``n`` lines and the rest."""
+        end = int(self.lengths[:n].sum())
+        return Encoded(self.ids[:end], self.lengths[:n]), Encoded(self.ids[end:], self.lengths[n:])
+
+
+class FileArray:
+    """A 1-d array of an ``np.save`` file, read by position (``os.pread``): a read copies what it asks for
+    into the process and nothing else. (Through a memory mapping every read brought the file's pages
+    around it into the process, several MiB at a time where the page cache holds large folios, so that a
+    run's resident memory grew towards the corpus's size as it read batches.)
+
+    Raises:
+        ValueError: not an ``np.save`` file of a 1-d C-ordered array, or shorter than its header says.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            shape, self.dtype, self.start = _npy_header(f)
+            size = os.fstat(f.fileno()).st_size
+        if len(shape) != 1 or self.start + shape[0] * self.dtype.itemsize > size:
+            raise ValueError(f"a file of {size} bytes for an array of shape {shape}")
+        self.shape = shape
+        self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+
+    def __getstate__(self) -> dict[str, Any]:  # a process that unpickles it opens the file again
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Items ``start`` to ``stop - 1`` (within the array)."""
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self._fd, (stop - start) * size, self.start + start * size), dtype=self.dtype)
+
+
+class _Sequences(Sequence):
+    """Item i is ``flat[offsets[i]:offsets[i + 1]]``, read from the files by position.
 
     Args:
-        ids: (total,) every id, one sequence after another.
+        flat: (total,) every sequence, one after another.
         offsets: (N + 1,) where each sequence starts, and the end.
     """
 
-    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
-        self.ids, self.offsets = ids, offsets
-        self.lengths = np.diff(offsets).astype(np.int32)  # (N,) read by ParallelDataset instead of every sequence
+    def __init__(self, flat: FileArray, offsets: FileArray):
+        self.flat, self.offsets = flat, offsets
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def _read(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} of {len(self)}")
+        i %= len(self)
+        start, stop = self.offsets.read(i, i + 2).tolist()
+        return self.flat.read(start, stop)
+
+
+class IdArray(_Sequences):
+    """The id lists of a cache entry: item i is pair i's ids on one side, as a list."""
 
     def __getitem__(self, i: int) -> list[int]:
-        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+        return self._read(i).tolist()
 
 
-class LineArray(Sequence):
-    """Memory-mapped lines: item i is ``text[offsets[i]:offsets[i + 1]]`` decoded from UTF-8.
-
-    Args:
-        text: (total,) uint8, every line's bytes, one after another.
-        offsets: (N + 1,) where each line starts, and the end.
-    """
-
-    def __init__(self, text: np.ndarray, offsets: np.ndarray):
-        self.text, self.offsets = text, offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
+class LineArray(_Sequences):
+    """The raw lines of a cache entry: item i is pair i's line on one side (its UTF-8 bytes decoded)."""
 
     def __getitem__(self, i: int) -> str:
-        return self.text[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+        return self._read(i).tobytes().decode("utf-8")
 
 
 def file_digest(path: str | Path) -> str:
@@ -179,7 +245,7 @@ def _check_version(manifest: Any, path: Path) -> None:
 
 
 class CorpusArrays:
-    """A cache entry, memory-mapped: every pair's ids and raw lines.
+    """A cache entry, opened: every pair's lengths (in memory), ids and raw lines (read from the files).
 
     Args:
         folder: the entry.
@@ -203,13 +269,19 @@ class CorpusArrays:
             if manifest["key"] != key:
                 raise CacheError(f"{manifest_fn}: written for other data (key {manifest['key']}, not {key})")
             self.n_pairs, self.n_replaced = int(manifest["pairs"]), int(manifest["replaced"])
-            arrays = {name: self._load(folder / f"{name}.npy", spec) for name, spec in manifest["arrays"].items()}
+            specs = dict(manifest["arrays"])
+            # |lengths| = (N, 2): in memory, as every run reads all of them
+            self.lengths = self._load(folder / "lengths.npy", specs.pop("lengths"), in_memory=True)
+            if self.lengths.shape != (self.n_pairs, 2) or self.lengths.dtype != np.int32:
+                raise CacheError(f"{folder / 'lengths.npy'}: not the (pairs, 2) int32 lengths")
+            arrays = {name: self._load(folder / f"{name}.npy", spec) for name, spec in specs.items()}
             ids, lines = [], []
-            for side, vocab_size in zip(SIDES, vocab_sizes):
-                ids.append(IdArray(arrays[f"{side}.ids"], self._offsets(arrays, f"{side}.ids", f"{side}.offsets")))
+            for column, (side, vocab_size) in enumerate(zip(SIDES, vocab_sizes)):
+                offsets = self._checked(folder, arrays, f"{side}.ids", f"{side}.offsets", self.lengths[:, column])
+                ids.append(IdArray(arrays[f"{side}.ids"], offsets))
                 lines.append(LineArray(arrays[f"{side}.text"],
-                                       self._offsets(arrays, f"{side}.text", f"{side}.text_offsets")))
-                if _largest(folder / f"{side}.ids.npy", arrays[f"{side}.ids"]) >= vocab_size:
+                                       self._checked(folder, arrays, f"{side}.text", f"{side}.text_offsets")))
+                if _largest(folder / f"{side}.ids.npy") >= vocab_size:
                     raise CacheError(f"{folder / side}.ids.npy: ids beyond the vocabulary of {vocab_size}")
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{manifest_fn}: damaged ({type(e).__name__}: {e})") from None
@@ -217,9 +289,9 @@ class CorpusArrays:
         self.src_lines, self.tgt_lines = lines
 
     @staticmethod
-    def _load(path: Path, spec: dict[str, Any]) -> np.ndarray:
+    def _load(path: Path, spec: dict[str, Any], in_memory: bool = False) -> np.ndarray | FileArray:
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = np.load(path, allow_pickle=False) if in_memory else FileArray(path)
         except (OSError, ValueError) as e:
             raise CacheError(f"{path}: damaged or missing ({type(e).__name__})") from None
         if str(array.dtype) != spec["dtype"] or list(array.shape) != spec["shape"]:
@@ -227,46 +299,74 @@ class CorpusArrays:
                              f"{spec['dtype']} {spec['shape']}")
         return array
 
-    def _offsets(self, arrays: dict[str, np.ndarray], flat: str, name: str) -> np.ndarray:
-        offsets = arrays[name]
-        if (offsets.shape != (self.n_pairs + 1,) or offsets[0] != 0 or offsets[-1] != len(arrays[flat])
-                or np.any(np.diff(offsets) < 0)):
-            raise CacheError(f"{name}.npy: offsets that do not fit {flat}.npy")
+    def _checked(self, folder: Path, arrays: dict[str, np.ndarray], flat: str, name: str,
+                 lengths: np.ndarray | None = None) -> np.ndarray:
+        """The offsets ``name`` of the sequences in ``flat``, once checked: from 0 to the end of ``flat``,
+        by the ``lengths`` (N,) if given, else by steps of 0 or more."""
+        offsets, start, previous = arrays[name], 0, None
+        fits = offsets.shape == (self.n_pairs + 1,)
+        for chunk in _read_chunks(folder / f"{name}.npy") if fits else ():
+            steps = np.diff(chunk) if previous is None else np.diff(chunk, prepend=previous)
+            fits = (previous is not None or chunk[0] == 0) and bool(
+                np.all(steps >= 0) if lengths is None else np.array_equal(steps, lengths[start:start + len(steps)]))
+            if not fits:
+                break
+            start, previous = start + len(steps), chunk[-1]
+        if not fits or previous != len(arrays[flat]):
+            raise CacheError(f"{folder / name}.npy: offsets that do not fit {flat}.npy")
         return offsets
 
 
-def _largest(path: Path, array: np.memmap, chunk: int = 1 << 24) -> int:
-    """The largest value of the memory-mapped ``array`` (-1 if empty), read from ``path`` in chunks
-    rather than through the mapping, which would count the whole file in the memory of the process."""
-    largest = -1
+def _npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """The shape, dtype and data offset of the ``np.save`` file ``f`` (left at the data)."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f"an .npy file of version {version}")
+    shape, fortran_order, dtype = read(f)
+    if fortran_order:
+        raise ValueError("a Fortran-ordered array")
+    return shape, dtype, f.tell()
+
+
+def _read_chunks(path: Path, chunk: int = 1 << 21) -> Iterator[np.ndarray]:
+    """The array of the ``np.save`` file ``path`` (1-d) in chunks, so that a check reads it all without
+    holding it all."""
     with open(path, "rb") as f:
-        f.seek(array.offset)
-        for _ in range(0, array.size, chunk):
-            largest = max(largest, int(np.fromfile(f, dtype=array.dtype, count=chunk).max()))
-    return largest
+        shape, dtype, _ = _npy_header(f)
+        for _ in range(0, math.prod(shape), chunk):
+            yield np.fromfile(f, dtype=dtype, count=chunk)
+
+
+def _largest(path: Path) -> int:
+    """The largest value of the array of the ``np.save`` file ``path`` (-1 if empty), read in chunks."""
+    return max((int(chunk.max()) for chunk in _read_chunks(path)), default=-1)
 
 
 def write_arrays(folder: Path, key: str, fields: Sequence[TextField], lines: Sequence[Sequence[str]],
-                 n_replaced: int, processes: int) -> None:
+                 n_replaced: int, processes: int, pieces: Sequence[Encoded | None] = (None, None)) -> None:
     """Encode the pairs and write them as the cache entry ``folder`` (atomically, the manifest last).
 
     Args:
         fields: the source and target fields.
         lines: the source and target lines.
-        n_replaced: lines with replaced bytes (logged by every run that maps the entry).
+        n_replaced: lines with replaced bytes (logged by every run that reads the entry).
         processes: encoding processes for a large corpus.
+        pieces: each side's lines as SentencePiece ids, where the fields' building has them already.
     """
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         arrays = {}
-        for side, field, side_lines in zip(SIDES, fields, lines):
-            ids, lengths = encode(field, side_lines, processes)
+        for side, field, side_lines, side_pieces in zip(SIDES, fields, lines, pieces):
+            ids, lengths = encode(field, side_lines, processes, side_pieces)
+            arrays.setdefault("lengths", []).append(lengths)
             raw = [line.encode("utf-8") for line in side_lines]
             arrays[f"{side}.ids"] = ids
             arrays[f"{side}.offsets"] = _offsets_of(lengths)
             arrays[f"{side}.text"] = np.frombuffer(b"".join(raw), dtype=np.uint8)
             arrays[f"{side}.text_offsets"] = _offsets_of(np.fromiter(map(len, raw), np.int64, len(raw)))
+        arrays["lengths"] = np.stack(arrays["lengths"], axis=1).astype(np.int32)
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array, allow_pickle=False)
         manifest = {"format": FORMAT, "version": VERSION, "key": key, "pairs": len(lines[0]), "replaced": n_replaced,
@@ -283,25 +383,47 @@ def _offsets_of(lengths: np.ndarray) -> np.ndarray:
     return offsets
 
 
-# the field of an encoding process: its tokenizer and, once the vocabulary is built, the token -> id map
+# what an encoding process works on: the lines, the tokenizer and, once the vocabulary is built, the token -> id map
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(model: bytes | None, itos: list[str] | None) -> None:
-    _worker["tokenizer"] = tokenizer_from_bytes(model)
+def _start_worker(model: bytes | None, itos: list[str] | None, lines: Sequence[Any]) -> None:
+    _worker["tokenizer"], _worker["lines"] = tokenizer_from_bytes(model), lines
     if itos is not None:
         _worker["stoi"] = {s: i for i, s in enumerate(itos)}
         _worker["dtype"] = id_dtype(len(itos))
+
+
+def _on_span(task: Callable[[Sequence[Any]], Any], span: tuple[int, int]) -> Any:
+    return task(_worker["lines"][span[0]:span[1]])
 
 
 def _count(lines: Sequence[str]) -> Counter[str]:
     return Counter(t for tokens in _worker["tokenizer"].encode_batch(lines) for t in tokens)
 
 
-def _encode(lines: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode(lines: Sequence[str]) -> Encoded:
     stoi, tokens = _worker["stoi"], _worker["tokenizer"].encode_batch(lines)
     ids = np.fromiter((stoi.get(t, UNK) for sentence in tokens for t in sentence), dtype=_worker["dtype"])
-    return ids, np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    return Encoded(ids, np.fromiter(map(len, tokens), dtype=np.int32, count=len(tokens)))
+
+
+def _piece_ids(lines: Sequence[str]) -> Encoded:
+    tokenizer = _worker["tokenizer"]
+    pieces = tokenizer.piece_ids(lines)
+    ids = np.fromiter(chain.from_iterable(pieces), dtype=id_dtype(tokenizer.size()))
+    return Encoded(ids, np.fromiter(map(len, pieces), dtype=np.int32, count=len(pieces)))
+
+
+def _train_tokenizer(jobs: Sequence[tuple[Sequence[str], int, int]]) -> list[bytes | str]:
+    """Each job's model, or SentencePiece's error message where it could not train one."""
+    models: list[bytes | str] = []
+    for job in jobs:
+        try:
+            models.append(SentencePieceTokenizer.train(*job).model_bytes())
+        except RuntimeError as e:
+            models.append(str(e))
+    return models
 
 
 def id_dtype(vocab_size: int) -> type[np.integer]:
@@ -309,36 +431,86 @@ def id_dtype(vocab_size: int) -> type[np.integer]:
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
-def _map(task: Callable[[Sequence[str]], Any], model: bytes | None, itos: list[str] | None,
-         lines: Sequence[str], processes: int) -> list[Any]:
-    """``task`` on chunks of ``lines`` with a tokenizer (and vocabulary): in ``processes`` processes
-    when the lines are many, else in this one."""
-    chunks = [lines[i:i + CHUNK_LINES] for i in range(0, len(lines), CHUNK_LINES)]
-    if processes <= 1 or len(lines) < PARALLEL_LINES:
-        _start_worker(model, itos)
+def _map(task: Callable[[Sequence[Any]], Any], model: bytes | None, itos: list[str] | None, items: Sequence[Any],
+         processes: int, chunk: int = CHUNK_LINES) -> list[Any]:
+    """``task`` on ``items`` (lines, or jobs) with a tokenizer (and vocabulary) set up: on chunks of ``chunk``
+    items in ``processes`` forked processes, which inherit the items rather than receive them, or in one go in
+    this process when ``processes`` is 1."""
+    if processes <= 1 or len(items) <= 1:
+        _start_worker(model, itos, items)
         try:
-            return [task(chunk) for chunk in chunks]
+            return [task(items)]
         finally:
             _worker.clear()
-    with multiprocessing.get_context("fork").Pool(processes, _start_worker, (model, itos)) as pool:
-        return pool.map(task, chunks)
+    spans = [(i, min(i + chunk, len(items))) for i in range(0, len(items), chunk)]
+    with multiprocessing.get_context("fork").Pool(min(processes, len(spans)), _start_worker,
+                                                  (model, itos, items)) as pool:
+        return pool.map(functools.partial(_on_span, task), spans, chunksize=1)
 
 
-def count_tokens(tokenizer: Tokenizer, lines: Sequence[str], processes: int) -> Counter[str]:
-    """How often each token occurs in ``lines`` (what ``Vocab.build`` counts)."""
+def _line_processes(lines: Sequence[str], processes: int) -> int:
+    """The processes that encode ``lines``: this one alone when they are fewer than ``PARALLEL_LINES``."""
+    return processes if len(lines) >= PARALLEL_LINES else 1
+
+
+def _joined(parts: Sequence[Encoded], dtype: type[np.integer]) -> Encoded:
+    return Encoded(np.concatenate([np.zeros(0, dtype=dtype), *(p.ids for p in parts)]),
+                   np.concatenate([np.zeros(0, dtype=np.int32), *(p.lengths for p in parts)]))
+
+
+def train_tokenizers(jobs: Sequence[tuple[Sequence[str], int, int]], processes: int) -> list[SentencePieceTokenizer]:
+    """SentencePiece models of (lines, vocab_size, seed), each trained in a process of its own when there
+    are several and ``processes`` > 1 (each trainer runs on one thread, so that the model does not depend
+    on the machine).
+
+    Raises:
+        TokenizerTrainingError: a model SentencePiece could not train, with the job's index.
+    """
+    models = [model for part in _map(_train_tokenizer, None, None, jobs, processes, chunk=1) for model in part]
+    for index, model in enumerate(models):
+        if isinstance(model, str):
+            raise TokenizerTrainingError(index, model)
+    return [SentencePieceTokenizer(model) for model in models]
+
+
+def encode_pieces(tokenizer: SentencePieceTokenizer, lines: Sequence[str], processes: int) -> Encoded:
+    """Every line as the ids of its pieces in the SentencePiece model (``piece_ids``)."""
+    parts = _map(_piece_ids, tokenizer.model_bytes(), None, lines, _line_processes(lines, processes))
+    return _joined(parts, id_dtype(tokenizer.size()))
+
+
+def count_tokens(tokenizer: Tokenizer, lines: Sequence[str], processes: int,
+                 pieces: Encoded | None = None) -> Counter[str]:
+    """How often each token occurs in ``lines`` (what ``Vocab.build`` counts); for SentencePiece, counted from
+    the lines' ``pieces`` (``encode_pieces``) when given, a character the model has never seen counted as its
+    unknown piece."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        pieces = pieces if pieces is not None else encode_pieces(tokenizer, lines, processes)
+        counts, names = np.bincount(pieces.ids, minlength=tokenizer.size()), tokenizer.pieces()
+        return Counter({names[i]: int(counts[i]) for i in np.flatnonzero(counts)})
     total: Counter[str] = Counter()
-    for counts in _map(_count, tokenizer.model_bytes(), None, lines, processes):
+    for counts in _map(_count, None, None, lines, _line_processes(lines, processes)):
         total.update(counts)
     return total
 
 
-def encode(field: TextField, lines: Sequence[str], processes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every line's ids (``field.to_ids``), one after another, and every line's length (N,) int64."""
-    itos, model = field.stored()
-    parts = _map(_encode, model, itos, lines, processes)
-    if not parts:
-        return np.zeros(0, dtype=id_dtype(len(itos))), np.zeros(0, dtype=np.int64)
-    return np.concatenate([ids for ids, _ in parts]), np.concatenate([lengths for _, lengths in parts])
+def encode(field: TextField, lines: Sequence[str], processes: int, pieces: Encoded | None = None) -> Encoded:
+    """Every line's ids (``field.to_ids``), one after another, and every line's length (N,) int32; for
+    SentencePiece, mapped from the lines' ``pieces`` (``encode_pieces``) when given."""
+    tokenizer, vocab = field.tokenizer, field.vocab
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        itos, model = field.stored()
+        return _joined(_map(_encode, model, itos, lines, _line_processes(lines, processes)), id_dtype(len(itos)))
+    pieces = pieces if pieces is not None else encode_pieces(tokenizer, lines, processes)
+    to_vocab = np.array([vocab.stoi.get(piece, UNK) for piece in tokenizer.pieces()], dtype=id_dtype(len(vocab)))
+    ids = to_vocab[pieces.ids]  # (total,)
+    # where the model met a character it has never seen, to_ids looks the character itself up in the vocabulary
+    unknown = np.flatnonzero(pieces.ids == tokenizer.unk_id())
+    if len(unknown):
+        offsets = _offsets_of(pieces.lengths)
+        for line in np.unique(np.searchsorted(offsets, unknown, side="right") - 1).tolist():
+            ids[offsets[line]:offsets[line + 1]] = field.to_ids(lines[line])
+    return Encoded(ids, pieces.lengths)
 
 
 def default_processes() -> int:

@@ -204,9 +204,10 @@ class DataOptions(Options):
     encoding_errors: str = option("strict", "non-UTF-8 bytes: stop with an error, or replace them and count "
                                             "the lines", choices=("strict", "replace"))
     cache_dir: str | None = option(
-        None, "folder of the encoded training corpus, memory-mapped and reused by later runs and every torchrun "
-              "rank (default: PREFIX.LANG.cache beside the training files, e.g. data/train.ende.cache, or in "
-              "~/.cache/simple-nmt where the data folder is read-only; off: encode in memory every run)",
+        None, "folder of the encoded training corpus, read from disk (not held in memory) and reused by later "
+              "runs and every torchrun rank (default: PREFIX.LANG.cache beside the training files, e.g. "
+              "data/train.ende.cache, or in ~/.cache/simple-nmt where the data folder is read-only; off: encode "
+              "in memory every run)",
         source=LOCAL)
 
 
@@ -219,10 +220,15 @@ class ModelOptions(Options):
     hidden_size: int = option(768, "hidden / model size", minimum=1, source=FIXED)
     n_layers: int = option(4, "encoder and decoder layers", minimum=1, source=FIXED)
     n_splits: int = option(8, "attention heads (Transformer)", minimum=1, source=FIXED)
+    ffn_size: int = option(0, "width of the Transformer's feed-forward blocks (0: 4 x --hidden_size)", minimum=0,
+                           source=FIXED)
     dropout: float = option(0.2, "dropout probability", minimum=0.0, maximum=1.0)
     tie_embeddings: bool = option(
         False, "share the target embeddings with the output projection (Press & Wolf, 2017); Seq2Seq needs "
                "--word_vec_size equal to --hidden_size", source=FIXED)
+    joint_vocab: bool = option(
+        False, "one SentencePiece model (or word list) and one vocabulary for both languages, built from both "
+               "sides of the training text; the source and target embeddings are then one matrix", source=FIXED)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "radam")

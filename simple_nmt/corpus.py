@@ -14,14 +14,18 @@ from torch.utils.data import DataLoader
 from simple_nmt.cache import (
     CacheError,
     CorpusArrays,
+    Encoded,
+    TokenizerTrainingError,
     cacheable,
     count_tokens,
     default_processes,
+    encode_pieces,
     fields_digest,
     file_digest,
     load_fields,
     make_key,
     save_fields,
+    train_tokenizers,
     write_arrays,
 )
 from simple_nmt.config import (
@@ -46,26 +50,45 @@ from simple_nmt.data import (
 def build_fields(config: Config, src_lines: list[str], tgt_lines: list[str], processes: int = 1
                  ) -> tuple[TextField, TextField]:
     """Tokenizers (SentencePiece if ``--spm_vocab_size``, trained on at most ``SPM_SAMPLE_SIZE`` sentences)
-    and vocabularies from the training text.
+    and vocabularies from the training text: one of each per language, or with ``--joint_vocab`` one field
+    built from both sides, for both.
 
     Args:
-        processes: processes that count the tokens of a large corpus.
+        processes: processes that train the two SentencePiece models and count the tokens of a large corpus.
     """
-    fields = []
-    for lang, lines in zip(split_lang(config.lang), (src_lines, tgt_lines)):
-        if config.spm_vocab_size > 0:
-            try:
-                tokenizer = SentencePieceTokenizer.train(lines, config.spm_vocab_size, seed=config.seed)
-            except RuntimeError as e:  # fewer pieces than the text's characters and the special pieces
-                needed = re.search(r"(\d+) vs (\d+)", str(e))
-                hint = f"it needs at least {needed.group(2)}" if needed else "it needs more pieces"
-                raise ConfigError(f"--spm_vocab_size {config.spm_vocab_size}: too small for SentencePiece on "
-                                  f"{config.train}.{lang}; {hint}") from None
-        else:
-            tokenizer = Tokenizer()
-        vocab = Vocab.from_counts(count_tokens(tokenizer, lines, processes), config.max_vocab, config.min_freq)
-        fields.append(TextField(tokenizer, vocab))
-    return fields[0], fields[1]
+    return fields_and_pieces(config, src_lines, tgt_lines, processes)[0]
+
+
+def fields_and_pieces(config: Config, src_lines: list[str], tgt_lines: list[str], processes: int = 1
+                      ) -> tuple[tuple[TextField, TextField], tuple[Encoded | None, Encoded | None]]:
+    """``build_fields``, and each side's lines as the ids of their SentencePiece pieces (None without
+    SentencePiece), from which the corpus is encoded without tokenizing it again."""
+    langs = split_lang(config.lang)
+    if config.joint_vocab:
+        sides = [(src_lines + tgt_lines, "+".join(f"{config.train}.{lang}" for lang in langs))]
+    else:
+        sides = [(lines, f"{config.train}.{lang}") for lang, lines in zip(langs, (src_lines, tgt_lines))]
+    if config.spm_vocab_size > 0:
+        try:
+            tokenizers: list[Tokenizer] = train_tokenizers(
+                [(lines, config.spm_vocab_size, config.seed) for lines, _ in sides], processes)
+        except TokenizerTrainingError as e:  # fewer pieces than the text's characters and the special pieces
+            needed = re.search(r"(\d+) vs (\d+)", str(e))
+            hint = f"it needs at least {needed.group(2)}" if needed else "it needs more pieces"
+            raise ConfigError(f"--spm_vocab_size {config.spm_vocab_size}: too small for SentencePiece on "
+                              f"{sides[e.index][1]}; {hint}") from None
+    else:
+        tokenizers = [Tokenizer() for _ in sides]
+    fields, pieces = [], []
+    for tokenizer, (lines, _) in zip(tokenizers, sides):
+        encoded = encode_pieces(tokenizer, lines, processes) if isinstance(tokenizer, SentencePieceTokenizer) \
+            else None
+        counts = count_tokens(tokenizer, lines, processes, encoded)
+        fields.append(TextField(tokenizer, Vocab.from_counts(counts, config.max_vocab, config.min_freq)))
+        pieces.append(encoded)
+    if config.joint_vocab:
+        return (fields[0], fields[0]), pieces[0].split(len(src_lines)) if pieces[0] is not None else (None, None)
+    return (fields[0], fields[1]), (pieces[0], pieces[1])
 
 
 def cache_folder(config: Config) -> Path | None:
@@ -85,14 +108,14 @@ def cache_folder(config: Config) -> Path | None:
 def cached_corpus(config: Config, fields: tuple[TextField, TextField] | None, folder: Path,
                   log: Callable[[str], None]) -> tuple[tuple[TextField, TextField], CorpusArrays]:
     """The fields (``fields``, or those built from the training text) and the encoded training pairs,
-    memory-mapped from the cache ``folder``.
+    read from the cache ``folder``.
 
-    Under torchrun rank 0 builds what the cache lacks while the other ranks wait, then they map it.
+    Under torchrun rank 0 builds what the cache lacks while the other ranks wait, then they open it.
     """
     digests = [file_digest(f"{config.train}.{lang}") for lang in split_lang(config.lang)]
     fields_fn = folder / "fields-{}.json".format(make_key(
-        "fields", digests, config.lang, config.encoding_errors, config.spm_vocab_size, config.max_vocab,
-        config.min_freq, config.seed if config.spm_vocab_size else None, SPM_SAMPLE_SIZE))
+        "fields", digests, config.lang, config.encoding_errors, config.spm_vocab_size, config.joint_vocab,
+        config.max_vocab, config.min_freq, config.seed if config.spm_vocab_size else None, SPM_SAMPLE_SIZE))
 
     def entry(fields: tuple[TextField, TextField]) -> tuple[Path, str, tuple[int, int]]:
         key = make_key("corpus", digests, config.lang, config.encoding_errors, fields_digest(fields))
@@ -119,7 +142,7 @@ def cached_corpus(config: Config, fields: tuple[TextField, TextField] | None, fo
 def _open_or_build(config: Config, fields: tuple[TextField, TextField] | None, fields_fn: Path,
                    entry: Callable[[tuple[TextField, TextField]], tuple[Path, str, tuple[int, int]]],
                    log: Callable[[str], None]) -> tuple[tuple[TextField, TextField], CorpusArrays]:
-    """What ``cached_corpus`` maps, built first where the cache lacks it or holds it damaged."""
+    """What ``cached_corpus`` opens, built first where the cache lacks it or holds it damaged."""
     if fields is None and fields_fn.exists():
         try:
             fields = load_fields(fields_fn)
@@ -137,11 +160,12 @@ def _open_or_build(config: Config, fields: tuple[TextField, TextField] | None, f
     src, tgt, n_replaced = read_parallel(config.train, config.lang, config.encoding_errors)
     processes = default_processes()
     try:
+        pieces: tuple[Encoded | None, Encoded | None] = (None, None)
         if fields is None:
-            fields = build_fields(config, src, tgt, processes)
+            fields, pieces = fields_and_pieces(config, src, tgt, processes)
             save_fields(fields_fn, fields)
         folder, key, _ = entry(fields)
-        write_arrays(folder, key, fields, (src, tgt), n_replaced, processes)
+        write_arrays(folder, key, fields, (src, tgt), n_replaced, processes, pieces)
     except OSError as e:
         raise DataError(f"{fields_fn.parent}: cannot write the corpus cache ({e.strerror or e}); pass --cache_dir "
                         "a writable folder, or --cache_dir off") from None
@@ -152,7 +176,7 @@ def _open_or_build(config: Config, fields: tuple[TextField, TextField] | None, f
 class Corpus:
     """Training and validation data of a run, ready for the loaders.
 
-    The training pairs are encoded once into the corpus cache (``--cache_dir``) and memory-mapped
+    The training pairs are encoded once into the corpus cache (``--cache_dir``) and read
     from it by later runs and every torchrun rank; with ``--cache_dir off`` or a Hugging Face
     model's fields they are encoded in memory.
 
@@ -166,7 +190,7 @@ class Corpus:
         folder = cache_folder(config)
         if folder is not None and (fields is None or cacheable(fields)):
             self.fields, arrays = cached_corpus(config, fields, folder, log)
-            src, tgt, n_replaced = arrays.src, arrays.tgt, arrays.n_replaced
+            src, tgt, n_replaced, lengths = arrays.src, arrays.tgt, arrays.n_replaced, arrays.lengths
             self.train_lines = arrays.src_lines, arrays.tgt_lines
         else:
             src_lines, tgt_lines, n_replaced = read_parallel(config.train, config.lang, config.encoding_errors)
@@ -174,10 +198,11 @@ class Corpus:
             self.fields = fields or build_fields(config, src_lines, tgt_lines)
             src = [self.fields[0].to_ids(x) for x in src_lines]
             tgt = [self.fields[1].to_ids(y) for y in tgt_lines]
+            lengths = None
         # the target field's special ids (a Hugging Face model's own) pad and bracket the batches
         self.collate = functools.partial(collate, ids=self.fields[1].special_ids)
         src_field, tgt_field = self.fields
-        self.train = ParallelDataset(src, tgt, config.max_length)
+        self.train = ParallelDataset(src, tgt, config.max_length, lengths)
         log(f"{config.train}: {len(src)} pairs, {len(self.train)} kept, {self.train.n_dropped} dropped "
             f"(longer than --max_length {config.max_length}); vocabularies {len(src_field)} / "
             f"{len(tgt_field)}" + (f"; {n_replaced} lines with replaced bytes" if n_replaced else ""))

@@ -29,12 +29,12 @@ from simple_nmt.loading import check_hf_length, load_model_weights, model_for, r
 from simple_nmt.precision import resolve_precision
 from simple_nmt.rl_trainer import MinimumRiskTrainingEngine
 from simple_nmt.trainer import (
-    OPTIMIZER_KEYS,
     MaximumLikelihoodEstimationEngine,
     RandomState,
     attach_handlers,
     build_optimizer,
     build_scheduler,
+    optimizer_state_mismatch,
     run_until_done_or_interrupted,
 )
 
@@ -269,11 +269,9 @@ def check_resumable(checkpoint: Mapping[str, Any], config: Config, load_fn: str)
     if config.optimizer != stored.optimizer:
         raise ConfigError(f"--optimizer {config.optimizer}: the checkpoint resumes {stored.optimizer}'s "
                           "state; give --reset_optimizer to start a fresh optimizer")
-    groups = checkpoint["optimizer"].get("param_groups") or [{}]
-    missing = sorted(OPTIMIZER_KEYS[stored.optimizer] - groups[0].keys())
-    if missing:
-        raise CheckpointError(f"{load_fn}: its optimizer state is not {stored.optimizer}'s (it has no "
-                              f"{', '.join(missing)}); give --reset_optimizer to start a fresh optimizer")
+    mismatch = optimizer_state_mismatch(checkpoint["optimizer"], stored.optimizer)
+    if mismatch:
+        raise CheckpointError(f"{load_fn}: {mismatch}; give --reset_optimizer to start a fresh optimizer")
 
 
 def fine_tune_hf(given: Mapping[str, Any]) -> None:

@@ -37,6 +37,14 @@ OPTIMIZER_KEYS = {"sgd": {"momentum", "nesterov"}, "adam": {"betas", "eps"}, "ad
                   "radam": {"betas", "eps"}}
 
 
+def optimizer_state_mismatch(state: Mapping[str, Any], kind: str) -> str | None:
+    """Why an optimizer state dict is not the state of a ``kind`` optimizer (one of ``OPTIMIZER_KEYS``), or
+    None if it may be: its parameter groups lack the hyperparameters every such state holds."""
+    groups = state.get("param_groups") or [{}]
+    missing = sorted(OPTIMIZER_KEYS.get(kind, set()) - groups[0].keys())
+    return f"its optimizer state is not {kind}'s (it has no {', '.join(missing)})" if missing else None
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
 
@@ -181,7 +189,15 @@ class MaximumLikelihoodEstimationEngine(Engine):
         Args:
             lr: a new peak learning rate instead of the checkpoint's: the schedule goes on
                 where it was, scaled to it.
+
+        Raises:
+            ValueError: optimizer state of another kind than the engine's optimizer (which would fail, or
+                go wrong, at the first update), before anything is restored.
         """
+        mismatch = optimizer_state_mismatch(checkpoint["optimizer"], self.config.optimizer)
+        if mismatch:
+            raise ValueError(f"the checkpoint cannot be resumed by this engine: {mismatch}; resume it with an "
+                             "optimizer of the kind it was trained with, or train on without resuming")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint["scaler"] and self.scaler.is_enabled():  # fp16 only

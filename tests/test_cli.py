@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import ROOT, TINY_SEQ2SEQ, TINY_TRANSFORMER, run_in_process, run_script
 
+import simple_nmt
 from simple_nmt.checkpoint import load_checkpoint
+from simple_nmt.data import UNK
 
 
 def train_args(toy_dir, model_fn, *extra):
@@ -149,6 +151,27 @@ def test_tied_embeddings_stay_tied_through_mle_rl_and_translation(toy_dir, tmp_p
                            params(tmp_path / "m.rl.pth")["generator.weight"])
     out = run_in_process("translate.py", "--model_fn", str(tmp_path / "m.rl.pth"), stdin="a dog sees the cat\n").stdout
     assert len(out.split("\n")) == 2
+
+
+@pytest.mark.parametrize("subwords", [[], ["--spm_vocab_size", "80"]], ids=["words", "sentencepiece"])
+def test_a_joint_vocabulary_is_built_from_both_sides_and_shares_every_embedding_through_rl_and_loading(
+        toy_dir, tmp_path, subwords):
+    run_in_process("train.py", *train_args(toy_dir, tmp_path / "m.pth", "--n_epochs", "1", "--rl_n_epochs", "1",
+                                       "--rl_n_samples", "2", *TINY_TRANSFORMER, "--tie_embeddings",
+                                       "--joint_vocab", *subwords))
+    for name in ("m.pth", "m.rl.pth"):
+        weights = params(tmp_path / name)
+        assert torch.equal(weights["src_emb.weight"], weights["tgt_emb.weight"])
+        assert torch.equal(weights["generator.weight"], weights["tgt_emb.weight"])
+    loaded = simple_nmt.load(tmp_path / "m.rl.pth")
+    assert loaded.model.src_emb.weight is loaded.model.tgt_emb.weight is loaded.model.generator.weight
+    assert loaded.src_field.vocab.itos == loaded.tgt_field.vocab.itos
+    assert loaded.src_field.to_ids("the dog") == loaded.tgt_field.to_ids("the dog")
+    # the one vocabulary holds both languages' text: no unknown tokens on either side of the training data
+    for lang in ("en", "de"):
+        for line in (toy_dir / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:50]:
+            assert UNK not in loaded.src_field.to_ids(line), line
+    assert len(loaded.translate(["the dog sees a cat"])) == 1
 
 
 def test_tied_seq2seq_with_unequal_sizes_is_a_one_line_error(toy_dir, tmp_path):

@@ -16,7 +16,15 @@ from simple_nmt import cache, cli
 from simple_nmt.checkpoint import load_checkpoint
 from simple_nmt.config import default_config
 from simple_nmt.corpus import Corpus, build_fields
-from simple_nmt.data import BucketBatchSampler, DataError, SentencePieceTokenizer, read_parallel
+from simple_nmt.data import (
+    BucketBatchSampler,
+    DataError,
+    ParallelDataset,
+    SentencePieceTokenizer,
+    TextField,
+    Vocab,
+    read_parallel,
+)
 
 
 @pytest.fixture
@@ -43,7 +51,8 @@ def entries(data) -> list[str]:
     return sorted(p.name for p in (data / "cache").iterdir() if p.is_dir())
 
 
-@pytest.mark.parametrize("options", [{}, {"spm_vocab_size": 60, "max_length": 0}, {"max_tokens": 120}])
+@pytest.mark.parametrize("options", [{}, {"spm_vocab_size": 60, "max_length": 0}, {"max_tokens": 120},
+                                     {"joint_vocab": True}, {"joint_vocab": True, "spm_vocab_size": 80}])
 def test_the_cache_gives_the_same_batches_as_the_lists(data, options):
     lists = corpus(data, cache_dir="off", **options)
     built, reused = corpus(data, **options), corpus(data, **options)
@@ -97,13 +106,18 @@ def damage(entry, how: str) -> None:
     elif how == "offsets out of place":
         offsets = np.load(entry / "tgt.offsets.npy")
         np.save(entry / "tgt.offsets.npy", offsets[::-1].copy())
+    elif how == "lengths that do not fit the offsets":
+        lengths = np.load(entry / "lengths.npy")
+        lengths[3, 1] += 1
+        np.save(entry / "lengths.npy", lengths)
     elif how == "ids beyond the vocabulary":
         ids = np.load(entry / "tgt.ids.npy")
         np.save(entry / "tgt.ids.npy", np.full_like(ids, 60000))
 
 
 @pytest.mark.parametrize("how", ["truncated array", "other version", "bad manifest", "half-written",
-                                 "offsets out of place", "ids beyond the vocabulary"])
+                                 "offsets out of place", "lengths that do not fit the offsets",
+                                 "ids beyond the vocabulary"])
 def test_a_damaged_cache_is_built_again_in_one_line(data, how):
     expected = corpus(data, cache_dir="off")
     corpus(data)
@@ -132,7 +146,8 @@ def test_a_damaged_cache_that_rank_0_did_not_rebuild_is_refused_in_one_line(data
     built = corpus(data)
     entry = data / "cache" / entries(data)[0]
     damage(entry, "other version")
-    with pytest.raises(cache.CacheError, match=r"manifest\.json: a corpus cache of version 999, this is version 1$"):
+    with pytest.raises(cache.CacheError,
+                       match=rf"manifest\.json: a corpus cache of version 999, this is version {cache.VERSION}$"):
         cache.CorpusArrays(entry, entry.name, (len(built.fields[0]), len(built.fields[1])))
 
 
@@ -164,6 +179,46 @@ def test_encoding_in_processes_gives_the_same_ids_and_counts(data, monkeypatch):
     assert ids.dtype == np.uint16 and ids.tolist() == expected_ids
     assert lengths.tolist() == [len(fields[0].to_ids(line)) for line in src]
     assert cache.count_tokens(fields[0].tokenizer, src, 2) == expected_counts
+
+
+def test_encoding_from_sentencepiece_ids_is_to_ids_also_for_characters_the_model_never_saw(data):
+    src, tgt, _ = read_parallel(str(data / "train"), "ende")
+    tokenizer = SentencePieceTokenizer.train(src[:300], 60, seed=1)
+    lines = [*tgt[:40], "zß ж 乙乙 dog", "", "ж"]  # German letters and characters the model has never seen
+    fields = [TextField(tokenizer, Vocab.from_counts(cache.count_tokens(tokenizer, src + tgt, 1)))]
+    # a vocabulary (of a checkpoint built before) that holds a character the model does not know as its own token
+    fields.append(TextField(tokenizer, Vocab([*fields[0].vocab.itos, "ж"])))
+    for field in fields:
+        expected = [field.to_ids(line) for line in lines]
+        pieces = cache.encode_pieces(tokenizer, lines, 1)
+        assert (pieces.ids == tokenizer.unk_id()).any()
+        for given in (None, pieces):
+            ids, lengths = cache.encode(field, lines, 1, given)
+            assert ids.tolist() == [i for line in expected for i in line]
+            assert lengths.tolist() == [len(line) for line in expected]
+    assert fields[1].to_ids("ж")[-1] == len(fields[0].vocab)  # its own id, not <unk>
+    # counted from the ids, a character the model has never seen is its unknown piece, which is no token
+    assert "ж" not in fields[0].vocab.stoi and "乙" not in fields[0].vocab.stoi
+
+
+def test_the_two_sentencepiece_models_trained_in_two_processes_are_those_trained_one_after_the_other(data):
+    src, tgt, _ = read_parallel(str(data / "train"), "ende")
+    jobs = [(src, 60, 1), (tgt, 70, 2)]
+    one, two = cache.train_tokenizers(jobs, 1), cache.train_tokenizers(jobs, 2)
+    assert [t.model_bytes() for t in one] == [t.model_bytes() for t in two]
+    assert [t.model_bytes() for t in one] == [SentencePieceTokenizer.train(*job).model_bytes() for job in jobs]
+
+
+def test_the_dataset_keeps_the_cache_lengths_without_a_copy_when_it_drops_nothing(data):
+    built = corpus(data, max_length=0)
+    entry = data / "cache" / entries(data)[0]
+    arrays = cache.CorpusArrays(entry, entry.name, (len(built.fields[0]), len(built.fields[1])))
+    assert arrays.lengths.dtype == np.int32 and arrays.lengths.tolist() == built.train.lengths().tolist()
+    kept = ParallelDataset(arrays.src, arrays.tgt, 0, arrays.lengths)
+    assert kept.lengths() is arrays.lengths and kept.line_numbers == range(len(arrays.lengths))
+    limited = ParallelDataset(arrays.src, arrays.tgt, 8, arrays.lengths)
+    assert limited.n_dropped > 0 and (limited.lengths() <= 8).all() and limited.line_numbers.dtype == np.int32
+    assert limited.lengths().tolist() == [[len(s), len(t)] for _, s, t in (limited[i] for i in range(len(limited)))]
 
 
 def test_sentencepiece_trains_on_a_bounded_sample(data):

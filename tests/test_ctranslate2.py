@@ -127,6 +127,15 @@ def test_tied_embeddings_are_exported_once(toy_dir, tmp_path, test_lines):
         translate("--model_fn", model_fn, test_lines, "--beam_size", "2")
 
 
+def test_a_joint_vocabulary_model_with_a_narrow_feed_forward_translates_as_the_model(toy_dir, tmp_path, test_lines):
+    model_fn = train(toy_dir, tmp_path / "joint.pth", *TINY_TRANSFORMER, "--tie_embeddings", "--joint_vocab",
+                     "--ffn_size", "24", "--spm_vocab_size", "80")
+    folder = export(model_fn, tmp_path / "joint")
+    for beam in ("1", "3"):
+        assert translate("--ctranslate2", folder, test_lines, "--beam_size", beam) == \
+            translate("--model_fn", model_fn, test_lines, "--beam_size", beam)
+
+
 def test_sentencepiece_checkpoint_keeps_its_models_beside(toy_dir, tmp_path):
     model_fn = train(toy_dir, tmp_path / "spm.pth", *TINY_TRANSFORMER, "--spm_vocab_size", "60")
     folder = export(model_fn, tmp_path / "spm")

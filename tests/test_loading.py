@@ -4,6 +4,8 @@ and mistakes refused when the engine, its handlers or validation are set up."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import TINY, run_main, toy_data, with_handlers
@@ -108,6 +110,19 @@ def test_an_optimizer_state_of_another_kind_is_refused_before_the_first_step(toy
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: {tmp_path / 'said_sgd.pth'}: its optimizer state is not sgd's")
     assert not (tmp_path / "x.epoch2.pth").exists()
+
+
+def test_an_engine_refuses_to_resume_optimizer_state_of_another_kind_before_restoring_anything(toy_dir, tmp_path):
+    train_one_epoch(toy_dir, tmp_path / "m.pth")  # Adam
+    checkpoint = load_checkpoint(tmp_path / "m.epoch1.pth")
+    fields, *_ = toy_data(toy_dir)
+    model = build_model(checkpoint["meta"]["config"], len(fields[0].vocab), len(fields[1].vocab))
+    engine = MaximumLikelihoodEstimationEngine(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                               default_config(**TINY["transformer"]), tgt_field=fields[1])
+    before = copy.deepcopy(engine.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"its optimizer state is not sgd's \(it has no momentum, nesterov\)"):
+        engine.resume(checkpoint)
+    assert engine.optimizer.state_dict() == before and engine.state.epoch == 0
 
 
 def tiny_engine(toy_dir, engine_class=MaximumLikelihoodEstimationEngine, scheduler=False, **options):

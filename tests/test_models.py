@@ -410,6 +410,40 @@ def test_tied_seq2seq_needs_equal_sizes():
 
 
 @pytest.mark.parametrize("cls", MODELS)
+def test_a_joint_vocabulary_makes_source_target_and_output_embeddings_one_matrix(cls):
+    torch.manual_seed(0)
+    shared = build_model({**TIED_CONFIGS[cls], "tie_embeddings": True, "joint_vocab": True}, SRC_V, SRC_V)
+    untied = build_model(TIED_CONFIGS[cls], SRC_V, SRC_V)
+    assert shared.src_emb.weight is shared.tgt_emb.weight is shared.generator.weight
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in untied.parameters()) - 2 * SRC_V * 32
+    # the untied model with its three matrices set to the shared one computes the same function, and the shared
+    # matrix's gradient is the sum of the three uses'
+    untied.load_state_dict(shared.state_dict())
+    src, lengths, tgt_in, tgt_out = teacher_forced_batch([5, 2, 7], [4, 6, 2], seed=3)
+    batch = src, lengths, tgt_in.clamp(max=SRC_V - 1), tgt_out.clamp(max=SRC_V - 1)
+    (shared_log_probs, shared_loss), (untied_log_probs, untied_loss) = mle_loss(shared, batch), mle_loss(untied, batch)
+    close(shared_log_probs, untied_log_probs)
+    shared_loss.backward()
+    untied_loss.backward()
+    close(shared.tgt_emb.weight.grad,
+          untied.src_emb.weight.grad + untied.tgt_emb.weight.grad + untied.generator.weight.grad)
+
+
+def test_a_joint_vocabulary_needs_equal_vocabulary_sizes():
+    with pytest.raises(ValueError,
+                       match="shared source and target embeddings need one vocabulary, got sizes 19 and 15"):
+        build_model({**TIED_CONFIGS[Transformer], "joint_vocab": True}, SRC_V, TGT_V)
+
+
+def test_ffn_size_sets_the_width_of_every_feed_forward_block():
+    default = build_model(TIED_CONFIGS[Transformer], SRC_V, TGT_V)
+    narrow = build_model({**TIED_CONFIGS[Transformer], "ffn_size": 24}, SRC_V, TGT_V)
+    for model, width in ((default, 4 * 32), (narrow, 24)):
+        for block in [*model.encoder, *model.decoder]:
+            assert block.ffn[0].weight.shape == (width, 32) and block.ffn[3].weight.shape == (32, width)
+
+
+@pytest.mark.parametrize("cls", MODELS)
 def test_gradients_reach_every_parameter(cls):
     model = make_model(cls).train()
     batch = teacher_forced_batch([5, 2, 7, 3], [4, 6, 2, 5], seed=9)

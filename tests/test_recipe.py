@@ -6,18 +6,22 @@ import json
 import subprocess
 from pathlib import Path
 
+import sacrebleu
 from conftest import run_script
 
 from simple_nmt.checkpoint import load_checkpoint
+from simple_nmt.config import Config
+from simple_nmt.models import build_model
+from simple_nmt.options import train_parser
 from simple_nmt.toy import make_corpus
 
 
-def multi30k_like(folder: Path) -> Path:
-    """SPLIT.en / SPLIT.de and tok/SPLIT.lc.norm.tok.{en,de} for train, val and test_2016_flickr."""
+def multi30k_like(folder: Path, langs: tuple[str, str] = ("en", "de")) -> Path:
+    """SPLIT.SRC / SPLIT.TGT and tok/SPLIT.lc.norm.tok.{SRC,TGT} for train, val and test_2016_flickr."""
     (folder / "tok").mkdir(parents=True)
     for split, n, seed in (("train", 300, 0), ("val", 30, 1), ("test_2016_flickr", 30, 2)):
         src, tgt = make_corpus(n, seed=seed)
-        for lang, lines in (("en", src), ("de", tgt)):
+        for lang, lines in zip(langs, (src, tgt)):
             text = "\n".join(lines) + "\n"
             (folder / f"{split}.{lang}").write_text(text.capitalize(), encoding="utf-8")
             (folder / "tok" / f"{split}.lc.norm.tok.{lang}").write_text(text, encoding="utf-8")
@@ -47,8 +51,6 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
             assert 0.0 <= row[key] <= 100.0
         assert len(row["mle_valid_bleu_per_epoch"]) == 3 and len(row["rl_valid_bleu_per_epoch"]) == 1
     # the scores are those of the files it wrote, under the tok protocol
-    import sacrebleu
-
     out = work / "transformer.tok"
     hyps = (out / "test_2016_flickr.rl.de").read_text(encoding="utf-8").splitlines()
     refs = (data / "tok" / "test_2016_flickr.lc.norm.tok.de").read_text(encoding="utf-8").splitlines()
@@ -63,7 +65,8 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
     mle_bytes = (out / "mle.pth").read_bytes()
     proc = recipe(str(data), "--profile", "smoke", "--protocols", "tok", "--models", "transformer",
                   "--workdir", str(work), "--rl_only", "--rl_options", "--rl_n_samples 3", "--rl_sentences", "20",
-                  "--average", "2", "--mbr_options", "--mbr 4 --mbr_utility chrf")
+                  "--average", "2", "--mbr_options", "--mbr 4 --mbr_utility chrf", "--control", "1",
+                  "--length_penalties", "0,1.5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "$ python train.py" not in proc.stdout
     rl_command = next(line for line in proc.stdout.splitlines() if line.startswith("$ python continue_train.py"))
@@ -82,6 +85,58 @@ def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run
         assert f"--output {out / f'val.{phase}.mbr.de'} --mbr 4 --mbr_utility chrf" in proc.stdout
         assert 0 <= again[f"{phase}_val_mbr"] <= 100 and 0 <= again[f"{phase}_test_2016_flickr_mbr"] <= 100
     assert again["mle_valid_bleu_per_epoch"] == results["transformer.tok"]["mle_valid_bleu_per_epoch"]
+    # the MLE control: MLE alone on RL's pairs from the same checkpoint, at RL's rate and batch size
+    control = next(line for line in proc.stdout.splitlines() if "--model_fn " + str(out / "control.pth") in line
+                   and line.startswith("$ python continue_train.py"))
+    assert f"--load_fn {out / 'mle.avg.pth'} " in control and f"--train {out / 'rl_train'} " in control
+    assert control.endswith("--n_epochs 1 --early_stop 2 --warmup_steps 0 --lr_step 0 --lr 1e-4 --batch_size 32 "
+                            "--max_tokens 0")
+    assert len(again["control_valid_bleu_per_epoch"]) == 1
+    # the length-penalty control: the best of the penalties on validation decodes test and validation
+    assert again["mle_lp_alpha"] == max(again["mle_lp_val_bleu_by_alpha"], key=again["mle_lp_val_bleu_by_alpha"].get)
+    assert f"--output {out / 'test_2016_flickr.mle_lp.de'} --beam_size 5 --length_penalty {again['mle_lp_alpha']}" \
+        in proc.stdout
+    # every decoding's chrF, brevity penalty and length ratio are sacrebleu's, and the p-values its paired bootstrap's
+    hyps = (out / "val.control.de").read_text(encoding="utf-8").splitlines()
+    refs = (data / "tok" / "val.lc.norm.tok.de").read_text(encoding="utf-8").splitlines()
+    bleu = sacrebleu.BLEU(tokenize="none").corpus_score(hyps, [refs])
+    assert again["control_val"] == round(bleu.score, 2) and again["control_val_bp"] == round(bleu.bp, 3)
+    assert again["control_val_chrf"] == round(sacrebleu.CHRF().corpus_score(hyps, [refs]).score, 2)
+    for phase in ("rl", "control", "mle_lp"):
+        for split in ("test_2016_flickr", "val"):
+            assert set(again[f"{phase}_{split}_p"]) == {"bleu", "chrf"}
+            assert all(0 < p <= 1 for p in again[f"{phase}_{split}_p"].values())
+    assert all(0 < p <= 1 for p in again["rl_val_p_control"].values())
+    table = (work / "results.md").read_text()
+    assert "| transformer.tok | control | val |" in table and "| transformer.tok | mle_lp | test_2016_flickr |" in table
+
+
+def test_the_language_pair_is_an_option_and_nothing_assumes_english_german(tmp_path: Path) -> None:
+    data, work = multi30k_like(tmp_path / "data", langs=("fr", "cs")), tmp_path / "work"
+    proc = recipe(str(data), "--lang", "frcs", "--profile", "smoke", "--models", "transformer", "--protocols", "tok",
+                  "--workdir", str(work), "--mle_options", "--n_epochs 1", "--rl_sentences", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ".en" not in proc.stdout and ".de" not in proc.stdout and "ende" not in proc.stdout
+    out = work / "transformer.tok"
+    assert load_checkpoint(out / "rl.pth")["meta"]["config"]["lang"] == "frcs"
+    row = json.loads((work / "results.json").read_text())["transformer.tok"]
+    refs = (data / "tok" / "val.lc.norm.tok.cs").read_text(encoding="utf-8").splitlines()
+    hyps = (out / "val.rl.cs").read_text(encoding="utf-8").splitlines()
+    assert row["rl_val"] == round(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score, 2)
+    assert (out / "rl_train.fr").is_file() and (out / "rl_train.cs").is_file()
+    # --resume goes on from the last epoch checkpoint (an exact resume), and the curve keeps the epochs before it
+    proc = recipe(str(data), "--lang", "frcs", "--profile", "smoke", "--models", "transformer", "--protocols", "tok",
+                  "--workdir", str(work), "--mle_options", "--n_epochs 2", "--rl_sentences", "20", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"$ python continue_train.py --load_fn {out / 'mle.epoch1.pth'} --model_fn {out / 'mle.pth'}" in proc.stdout
+    resumed = json.loads((work / "results.json").read_text())["transformer.tok"]
+    assert resumed["mle_resumed_from"] == "mle.epoch1.pth" and (out / "mle.epoch2.pth").is_file()
+    assert resumed["mle_valid_bleu_per_epoch"][0] == row["mle_valid_bleu_per_epoch"][0]
+    assert len(resumed["mle_valid_bleu_per_epoch"]) == 2
+    trainer = load_checkpoint(out / "mle.epoch2.pth")["trainer"]
+    assert trainer["iteration"] == 2 * trainer["epoch_length"]
+    proc = recipe(str(data), "--lang", "french", "--workdir", str(work))
+    assert proc.returncode == 2 and "--lang must be two 2-letter codes such as 'ende', got 'french'" in proc.stderr
 
 
 def test_rl_only_without_an_mle_run_names_the_model(tmp_path: Path) -> None:
@@ -100,6 +155,18 @@ def test_every_profile_sets_what_its_runs_read_and_a_model_without_settings_is_n
     spec.loader.exec_module(module)
     for name, profile in module.PROFILES.items():
         assert {"common", "transformer", "seq2seq", "rl", "rl_sentences"} <= profile.keys(), name
+        for model in ("transformer", "seq2seq"):  # what train.py is given makes a config (sizes that fit included)
+            given = vars(train_parser().parse_args(["--model_fn", "m.pth", *profile["common"], *profile[model],
+                                                    *profile["rl"], *profile.get(f"rl_{model}", [])]))
+            config = Config.from_dict(given)
+            build_model(config.replace(spm_vocab_size=0), 100, 100 if config.joint_vocab else 90)
+    # the strong profile: the published Transformer-tiny's shape, a joint vocabulary, every embedding shared
+    strong = module.PROFILES["strong"]
+    config = Config.from_dict(vars(train_parser().parse_args(["--model_fn", "m.pth", *strong["common"],
+                                                              *strong["transformer"]])))
+    sizes = config.n_layers, config.hidden_size, config.n_splits, config.ffn_size, config.dropout
+    assert sizes == (4, 128, 4, 256, 0.3)
+    assert config.joint_vocab and config.tie_embeddings and strong["average"] > 1
     # the converged profile's RL is the setting for converged checkpoints: a KL penalty, over all pairs
     converged = module.PROFILES["converged"]
     assert converged["rl_sentences"] == 0

@@ -1,10 +1,12 @@
-"""Multi30k English-German: MLE, then RL fine-tuning, for Seq2Seq and Transformer, with BLEU.
+"""Multi30k: MLE, then RL fine-tuning, for Seq2Seq and Transformer, with BLEU.
 
-    python examples/multi30k/run.py DATA_DIR [--gpu_id 0] [--profile gpu|cpu|converged] [--precision bf16]
-                                    [--models transformer,seq2seq,marian] [--protocols tok,raw]
+    python examples/multi30k/run.py DATA_DIR [--lang ende] [--gpu_id 0] [--profile gpu|cpu|converged|strong]
+                                    [--precision bf16] [--models transformer,seq2seq,marian] [--protocols tok,raw]
 
-DATA_DIR holds train / val / test_2016_flickr as STEM.en / STEM.de (raw, cased)
-and tok/STEM.lc.norm.tok.{en,de} (lowercased, tokenized by the corpus authors).
+DATA_DIR holds train / val / test_2016_flickr as STEM.SRC / STEM.TGT (raw, cased) and
+tok/STEM.lc.norm.tok.{SRC,TGT} (lowercased, tokenized by the corpus authors), SRC and TGT the
+two halves of ``--lang`` (default ``ende``: English to German; ``enfr``, ``encs``, ``deen`` ... run
+every profile unchanged on the other Multi30k pairs laid out the same way).
 For each model and protocol the recipe trains with SentencePiece subwords (the
 project's --spm_vocab_size), fine-tunes the best MLE checkpoint with RL,
 translates test_2016_flickr and val with beam search, and scores:
@@ -43,6 +45,7 @@ from typing import TextIO
 import sacrebleu
 import torch
 
+from simple_nmt.data import split_lang
 from simple_nmt.precision import cpu_has_native
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +123,30 @@ PROFILES["converged"] = {
     "rl_sentences": 0,
 }
 
+# what the published text-only Multi30k Transformers use (Wu et al., 2021: Transformer-tiny, 4 layers, d=128,
+# 4 heads, FFN 256, dropout 0.3, a joint subword vocabulary with every embedding shared, batches of tokens, an
+# inverse-square-root schedule, the last checkpoints averaged), at a budget of one session on 2 CPU cores;
+# RL from its checkpoints with the converged profile's protocol
+PROFILES["strong"] = {
+    "common": ["--max_length", "60", "--spm_vocab_size", "8000", "--joint_vocab", "--tie_embeddings",
+               "--optimizer", "adam", "--label_smoothing", "0.1", "--early_stop", "8"],
+    "transformer": ["--use_transformer", "--hidden_size", "128", "--n_layers", "4", "--n_splits", "4",
+                    "--ffn_size", "256", "--dropout", "0.3", "--max_tokens", "3000", "--lr", "4e-3",
+                    "--warmup_steps", "1500", "--n_epochs", "60"],
+    "seq2seq": ["--word_vec_size", "256", "--hidden_size", "256", "--n_layers", "2", "--dropout", "0.3",
+                "--batch_size", "64", "--lr", "2e-3", "--n_epochs", "16", "--lr_step", "1", "--lr_gamma", "0.7",
+                "--lr_decay_start", "8"],
+    # RL in batches of sentences, as the converged profile's (the MLE batches of tokens are not inherited)
+    "rl": _CPU["rl"] + ["--max_tokens", "0"],
+    "rl_transformer": ["--rl_kl_weight", "3.0"],
+    "rl_seq2seq": _CPU["rl_seq2seq"] + ["--rl_kl_weight", "1.0"],
+    "rl_sentences": 0,
+    "average": 5,
+    "control": 10,
+    "length_penalties": "0,0.5,1,1.5,2",
+    "precision": "bf16",
+}
+
 FILES = {"tok": "{split}.lc.norm.tok", "raw": "{split}"}
 
 
@@ -148,29 +175,70 @@ def run(script: str, *args: str, log: Path, threads: int) -> list[float]:
             raise RuntimeError(f"{script} failed; its output is in {log}")
     with log.open() as f:
         f.seek(start)
-        return [float(b) for b in re.findall(r"epoch \d+: .*?valid_bleu=([0-9.]+)", f.read())]
+        return logged_curve(f.read())
 
 
-def subset(prefix: Path, n: int, out: Path) -> Path:
-    """The first ``n`` lines of PREFIX.en / PREFIX.de (0: all) as OUT.en / OUT.de."""
+def logged_curve(log: str) -> list[float]:
+    """The validation BLEU of each epoch logged in a training log's text."""
+    return [float(b) for b in re.findall(r"epoch \d+: .*?valid_bleu=([0-9.]+)", log)]
+
+
+def epoch_checkpoints(out: Path) -> list[Path]:
+    """The MLE epoch checkpoints in ``out``, in the order of their epochs."""
+    return sorted(out.glob("mle.epoch*.pth"), key=lambda p: int(p.stem.removeprefix("mle.epoch")))
+
+
+def subset(prefix: Path, n: int, out: Path, langs: tuple[str, str]) -> Path:
+    """The first ``n`` lines of PREFIX.SRC / PREFIX.TGT (0: all) as OUT.SRC / OUT.TGT."""
     if n <= 0:
         return prefix
-    for lang in ("en", "de"):
+    for lang in langs:
         lines = Path(f"{prefix}.{lang}").read_text(encoding="utf-8").splitlines()[:n]
         Path(f"{out}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
 
-def score(hyp_file: Path, ref_file: Path, protocol: str) -> float:
-    hyps = hyp_file.read_text(encoding="utf-8").splitlines()
-    refs = ref_file.read_text(encoding="utf-8").splitlines()
-    tokenize = "none" if protocol == "tok" else "13a"
+def metrics(protocol: str) -> dict[str, sacrebleu.metrics.base.Metric]:
+    """BLEU (``--tokenize none`` for the tok protocol, 13a for raw) and chrF, as sacrebleu computes them."""
     # force: the tok protocol scores tokenized text on purpose
-    return sacrebleu.corpus_bleu(hyps, [refs], tokenize=tokenize, force=True).score
+    return {"bleu": sacrebleu.BLEU(tokenize="none" if protocol == "tok" else "13a", force=True),
+            "chrf": sacrebleu.CHRF()}
 
 
-def make_marian(folder: Path, train_prefix: Path, sizes: dict) -> Path:
-    """A ``MarianMTModel`` from its config and a unigram tokenizer trained on PREFIX.en and PREFIX.de
+def read(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def score(hyp_file: Path, ref_file: Path, protocol: str) -> dict[str, float]:
+    """BLEU, chrF, BLEU's brevity penalty and the length ratio (output / reference length) of a translation."""
+    hyps, refs = read(hyp_file), read(ref_file)
+    bleu = metrics(protocol)["bleu"].corpus_score(hyps, [refs])
+    return {"bleu": round(bleu.score, 2), "chrf": round(metrics(protocol)["chrf"].corpus_score(hyps, [refs]).score, 2),
+            "bp": round(bleu.bp, 3), "ratio": round(bleu.sys_len / max(bleu.ref_len, 1), 3)}
+
+
+def paired_p_values(baseline: Path, systems: dict[str, Path], ref_file: Path, protocol: str) -> dict[str, dict]:
+    """``sacrebleu --paired-bs`` (1,000 resamples) of each system against ``baseline``: the p-values of BLEU and
+    chrF, by system name."""
+    from sacrebleu.significance import PairedTest
+
+    names = list(systems)
+    test = PairedTest([("baseline", read(baseline)), *((name, read(systems[name])) for name in names)],
+                      metrics(protocol), [read(ref_file)], test_type="bs", n_samples=1000)
+    _, results = test()  # by system name, then a column per metric named as sacrebleu names it (BLEU, chrF2)
+    columns = dict(zip(("bleu", "chrf"), (column for key, column in results.items() if key != "System")))
+    return {name: {metric: round(column[i + 1].p_value, 4) for metric, column in columns.items()}
+            for i, name in enumerate(names)}
+
+
+def option_value(options: list[str], name: str) -> str | None:
+    """The value of the last ``name`` in a command line's ``options``, if any."""
+    values = [options[i + 1] for i, option in enumerate(options[:-1]) if option == name]
+    return values[-1] if values else None
+
+
+def make_marian(folder: Path, train_prefix: Path, sizes: dict, langs: tuple[str, str]) -> Path:
+    """A ``MarianMTModel`` from its config and a unigram tokenizer trained on PREFIX.SRC and PREFIX.TGT
     (one vocabulary, shared embeddings, embeddings scaled by sqrt(d_model) as in opus-mt models' configs:
     MarianConfig's default leaves them unscaled, beside sinusoidal positions of magnitude 1, and this
     profile's model then reached validation BLEU 0.36 after its first epoch, 3.45 scaled), saved with
@@ -181,7 +249,7 @@ def make_marian(folder: Path, train_prefix: Path, sizes: dict) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import MarianConfig, MarianMTModel, PreTrainedTokenizerFast
 
-    lines = [line for lang in ("en", "de") for line in Path(f"{train_prefix}.{lang}").read_text("utf-8").splitlines()]
+    lines = [line for lang in langs for line in Path(f"{train_prefix}.{lang}").read_text("utf-8").splitlines()]
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     tok.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=sizes["vocab"], unk_token="<unk>",
@@ -209,12 +277,13 @@ def transformers_agreement(folder: Path, source: Path, out: Path, n: int, args: 
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     lines = source.read_text(encoding="utf-8").splitlines()[:n]
-    sample = out / "transformers_check.en"
+    src, tgt = split_lang(args.lang)
+    sample = out / f"transformers_check.{src}"
     sample.write_text("\n".join(lines) + "\n", encoding="utf-8")
     run("translate.py", "--hf_model", str(folder), "--input", str(sample), "--output",
-        str(out / "transformers_check.de"), "--beam_size", "1", "--max_length", "100", "--gpu_id", args.gpu_id,
+        str(out / f"transformers_check.{tgt}"), "--beam_size", "1", "--max_length", "100", "--gpu_id", args.gpu_id,
         **common)
-    ours = (out / "transformers_check.de").read_text(encoding="utf-8").splitlines()
+    ours = (out / f"transformers_check.{tgt}").read_text(encoding="utf-8").splitlines()
     device = "cpu" if args.gpu_id == "-1" else f"cuda:{args.gpu_id}"
     model = AutoModelForSeq2SeqLM.from_pretrained(folder).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -237,7 +306,9 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     profile = PROFILES[args.profile]
     data = args.data_dir / "tok" if protocol == "tok" else args.data_dir
 
-    def prefix(split: str) -> Path:  # the split's files are PREFIX.en / PREFIX.de
+    langs = src, tgt = split_lang(args.lang)
+
+    def prefix(split: str) -> Path:  # the split's files are PREFIX.SRC / PREFIX.TGT
         return data / FILES[protocol].format(split=split)
 
     out = args.workdir / f"{model}.{protocol}"
@@ -246,46 +317,82 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
     common = {"log": log, "threads": threads}
     where = ["--gpu_id", args.gpu_id, "--precision", args.precision]  # of every command
     if not args.rl_only:
-        start = time.time()
+        start, earlier, row = time.time(), [], {}
         if model == "marian":  # a Hugging Face model, made from its config and trained from scratch
-            made = make_marian(out / "start.hf", prefix("train"), profile["marian_model"])
+            made = make_marian(out / "start.hf", prefix("train"), profile["marian_model"], langs)
             script, first = "continue_train.py", ["--hf_model", str(made)]
+        elif args.resume and epoch_checkpoints(out):  # an exact resume of the interrupted run
+            script, first = "continue_train.py", ["--load_fn", str(epoch_checkpoints(out)[-1])]
+            earlier = logged_curve(log.read_text(encoding="utf-8"))[:len(epoch_checkpoints(out))]
+            row["mle_resumed_from"] = epoch_checkpoints(out)[-1].name
         else:
             script, first = "train.py", []
         curve = run(script, *first, "--model_fn", str(out / "mle.pth"),
-                    "--train", str(prefix("train")), "--valid", str(prefix("val")), "--lang", "ende",
+                    "--train", str(prefix("train")), "--valid", str(prefix("val")), "--lang", args.lang,
                     *where, "--verbose", "1", *profile["common"], *profile[model],
                     *shlex.split(args.mle_options), **common)
-        row = {"mle_minutes": round((time.time() - start) / 60, 1), "mle_valid_bleu_per_epoch": curve}
+        row.update(mle_minutes=round((time.time() - start) / 60, 1), mle_valid_bleu_per_epoch=earlier + curve)
     checkpoints = {"mle": out / "mle.pth", "rl": out / "rl.pth"}
     row.pop("mle_checkpoint", None)
     if args.average > 0:  # the last epochs' mean weights stand for MLE, and RL starts from them
-        epochs = sorted(out.glob("mle.epoch*.pth"), key=lambda p: int(p.stem.removeprefix("mle.epoch")))
-        last = epochs[-args.average:]
+        last = epoch_checkpoints(out)[-args.average:]
         checkpoints["mle"] = out / "mle.avg.pth"
         run("average_checkpoints.py", *map(str, last), "--output", str(checkpoints["mle"]), **common)
         row["mle_checkpoint"] = f"the average of {' '.join(p.name for p in last)}"
     start = time.time()
     n_rl = profile["rl_sentences"] if args.rl_sentences is None else args.rl_sentences
-    rl_train = subset(prefix("train"), n_rl, out / "rl_train")
+    rl_train = subset(prefix("train"), n_rl, out / "rl_train", langs)
+    rl_options = [*profile["rl"], *profile.get(f"rl_{model}", []), *shlex.split(args.rl_options)]
     row["rl_valid_bleu_per_epoch"] = run(
         "continue_train.py", "--load_fn", str(checkpoints["mle"]), "--model_fn", str(checkpoints["rl"]),
-        "--train", str(rl_train), *where, "--verbose", "1", *profile["rl"],
-        *profile.get(f"rl_{model}", []), *shlex.split(args.rl_options), **common)
+        "--train", str(rl_train), "--lang", args.lang, *where, "--verbose", "1", *rl_options, **common)
     row["rl_minutes"] = round((time.time() - start) / 60, 1)
+    if args.control > 0:  # MLE alone on RL's pairs, from the same checkpoint, at RL's constant rate and batch size
+        start, checkpoints["control"] = time.time(), out / "control.pth"
+        row["control_valid_bleu_per_epoch"] = run(
+            "continue_train.py", "--load_fn", str(checkpoints["mle"]), "--model_fn", str(checkpoints["control"]),
+            "--train", str(rl_train), "--lang", args.lang, *where, "--verbose", "1", "--reset_optimizer",
+            "--n_epochs", str(args.control), "--early_stop", "2", "--warmup_steps", "0", "--lr_step", "0",
+            "--lr", option_value(rl_options, "--rl_lr"), "--batch_size", option_value(rl_options, "--batch_size"),
+            "--max_tokens", option_value(rl_options, "--max_tokens") or "0", **common)
+        row["control_minutes"] = round((time.time() - start) / 60, 1)
     decodings = {"": ["--beam_size", args.beam_size]}
     if args.mbr_options:  # and with minimum Bayes risk decoding
         decodings["_mbr"] = shlex.split(args.mbr_options)
-    for phase in ("mle", "rl"):
+    if args.length_penalties:  # the MLE checkpoint under the length penalty that is best on validation
+        checkpoints["mle_lp"] = checkpoints["mle"]
+        tried = {}
+        for alpha in args.length_penalties.split(","):
+            hyp = out / f"val.mle.lp{alpha}.{tgt}"
+            run("translate.py", "--model_fn", str(checkpoints["mle"]), "--input", f"{prefix('val')}.{src}",
+                "--output", str(hyp), "--beam_size", args.beam_size, "--length_penalty", alpha, *where, **common)
+            tried[alpha] = score(hyp, Path(f"{prefix('val')}.{tgt}"), protocol)["bleu"]
+        row["mle_lp_val_bleu_by_alpha"] = tried
+        row["mle_lp_alpha"] = max(tried, key=lambda alpha: tried[alpha])
+    for phase, checkpoint in checkpoints.items():
         for split in ("test_2016_flickr", "val"):
             for tag, decoding in decodings.items():
-                hyp = out / f"{split}.{phase}{tag.replace('_', '.')}.de"
-                run("translate.py", "--model_fn", str(checkpoints[phase]),
-                    "--input", f"{prefix(split)}.en", "--output", str(hyp), *decoding, *where, **common)
-                row[f"{phase}_{split}{tag}"] = round(score(hyp, Path(f"{prefix(split)}.de"), protocol), 2)
+                if phase == "mle_lp":
+                    if tag:
+                        continue
+                    decoding = [*decoding, "--length_penalty", row["mle_lp_alpha"]]
+                hyp = out / f"{split}.{phase}{tag.replace('_', '.')}.{tgt}"
+                run("translate.py", "--model_fn", str(checkpoint),
+                    "--input", f"{prefix(split)}.{src}", "--output", str(hyp), *decoding, *where, **common)
+                scores = score(hyp, Path(f"{prefix(split)}.{tgt}"), protocol)
+                row[f"{phase}_{split}{tag}"] = scores.pop("bleu")
+                row.update({f"{phase}_{split}{tag}_{name}": value for name, value in scores.items()})
+    for split in ("test_2016_flickr", "val"):  # paired bootstrap against the MLE checkpoint, RL against the control
+        hyp = {phase: out / f"{split}.{phase}.{tgt}" for phase in checkpoints}
+        ref = Path(f"{prefix(split)}.{tgt}")
+        for phase, p in paired_p_values(hyp["mle"], {k: v for k, v in hyp.items() if k != "mle"}, ref,
+                                        protocol).items():
+            row[f"{phase}_{split}_p"] = p
+        if "control" in hyp:
+            row[f"rl_{split}_p_control"] = paired_p_values(hyp["control"], {"rl": hyp["rl"]}, ref, protocol)["rl"]
     if model == "marian":
-        row["transformers_agrees"] = transformers_agreement(out / "rl.hf", Path(f"{prefix('val')}.en"), out, 200, args,
-                                                    common)
+        row["transformers_agrees"] = transformers_agreement(out / "rl.hf", Path(f"{prefix('val')}.{src}"), out, 200,
+                                                            args, common)
     say(json.dumps({f"{model}.{protocol}": row}))
     return row
 
@@ -327,6 +434,8 @@ def draw_curves(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path, help="the Multi30k folder")
+    p.add_argument("--lang", default="ende",
+                   help="source and target language codes, e.g. ende, enfr: the files are STEM.SRC / STEM.TGT")
     p.add_argument("--gpu_id", default="-1", help="GPU to use (-1: CPU)")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
                    help="--precision of training, RL and translation (auto: mixed on GPU, fp32 on CPU; default: "
@@ -337,9 +446,22 @@ def main() -> None:
     p.add_argument("--protocols", default="tok,raw", help="comma-separated: tok, raw")
     p.add_argument("--workdir", type=Path, default=Path("runs/multi30k"), help="outputs")
     p.add_argument("--beam_size", default="5", help="beam size for test and validation translations")
+    p.add_argument("--control", type=int, default=None,
+                   help="if N > 0, also an MLE control: up to N more MLE epochs from the MLE checkpoint on RL's "
+                        "pairs at RL's learning rate (constant) and batch size, stopped after 2 epochs without a "
+                        "lower validation loss, scored as the phase 'control' (default: the profile's: 10 for "
+                        "strong, else 0)")
+    p.add_argument("--length_penalties", default=None,
+                   help='comma-separated GNMT length penalties, e.g. "0,0.5,1,1.5,2": beam search of the MLE '
+                        "checkpoint under each on validation; the best one decodes test and validation as the "
+                        "phase 'mle_lp', a control of how much of RL's gain length alone gives (default: the "
+                        "profile's: these five for strong, else none)")
     p.add_argument("--mbr_options", default="",
                    help='also translate test and validation with these translate.py options of minimum Bayes risk '
                         'decoding, e.g. "--mbr 64 --mbr_utility chrf" (scores: PHASE_SPLIT_mbr)')
+    p.add_argument("--resume", action="store_true",
+                   help="continue an MLE run that was interrupted from its last epoch checkpoint in WORKDIR "
+                        "(continue_train.py's exact resume), then go on as usual")
     p.add_argument("--rl_only", action="store_true",
                    help="keep the MLE checkpoints of an earlier run in WORKDIR and redo RL and the scores")
     p.add_argument("--mle_options", default="",
@@ -348,9 +470,10 @@ def main() -> None:
                    help='continue_train.py options after the profile\'s RL settings, e.g. "--rl_lr 1e-4"')
     p.add_argument("--rl_sentences", type=int, default=None,
                    help="RL on the first N training pairs (0: all; default: the profile's)")
-    p.add_argument("--average", type=int, default=0,
+    p.add_argument("--average", type=int, default=None,
                    help="if N > 0, the MLE checkpoint scored and fine-tuned is the average of the last N epochs' "
-                        "weights (mle.avg.pth) instead of the one with the lowest validation loss (mle.pth)")
+                        "weights (mle.avg.pth) instead of the one with the lowest validation loss (mle.pth) "
+                        "(default: the profile's: 5 for strong, else 0)")
     p.add_argument("--jobs", type=int, default=0,
                    help="model/protocol runs at a time (0: one per CPU core on CPU, one on a GPU); "
                         "each run gets OMP_NUM_THREADS = cores / jobs unless it is set")
@@ -362,11 +485,22 @@ def main() -> None:
         return
     if args.rl_sentences is not None and args.rl_sentences < 0:
         p.error(f"--rl_sentences must be 0 (all) or more, got {args.rl_sentences}")
+    for name, default in (("average", 0), ("control", 0), ("length_penalties", "")):
+        if getattr(args, name) is None:
+            setattr(args, name, PROFILES[args.profile].get(name, default))
+    if args.control and option_value(PROFILES[args.profile]["rl"], "--rl_lr") is None:
+        p.error(f"--control: the {args.profile} profile's RL settings name no --rl_lr for the control to train at")
+    if args.control < 0:
+        p.error(f"--control must be 0 (none) or more, got {args.control}")
     if args.average < 0:
         p.error(f"--average must be 0 (none) or more, got {args.average}")
     missing = [m for m in args.models.split(",") if m not in PROFILES[args.profile]]
     if missing:
         p.error(f"--models: the {args.profile} profile has no settings for {', '.join(missing)}")
+    try:
+        split_lang(args.lang)
+    except ValueError as e:
+        p.error(str(e))
     args.precision = args.precision or profile_precision(PROFILES[args.profile], args.gpu_id)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_json = args.workdir / "results.json"
@@ -407,6 +541,23 @@ def main() -> None:
         lines.append(f"| {model} | {protocol} | {r['mle_test_2016_flickr']:.2f} | {r['rl_test_2016_flickr']:.2f} "
                      f"| {delta:+.2f} | {r['mle_val']:.2f} | {r['rl_val']:.2f} | {r['mle_minutes']} "
                      f"| {r['rl_minutes']} |")
+    lines += ["\nEvery decoding: BLEU, chrF, brevity penalty, length ratio; paired bootstrap p-values (BLEU / chrF) "
+              "against the MLE checkpoint and, for RL, against the MLE control:",
+              "| run | phase | split | BLEU | chrF | BP | ratio | p vs MLE | p vs control |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(results.items()):
+        for phase in ("mle", "mle_lp", "control", "rl"):
+            for split in ("test_2016_flickr", "val"):
+                if f"{phase}_{split}_chrf" not in r:
+                    continue
+                p = [" / ".join(str(v) for v in r[name].values()) if name in r else ""
+                     for name in (f"{phase}_{split}_p", f"{phase}_{split}_p_control")]
+                at = f"{phase}_{split}"
+                lines.append(f"| {key} | {phase} | {split} | {r[at]:.2f} | {r[at + '_chrf']:.2f} | {r[at + '_bp']} "
+                             f"| {r[at + '_ratio']} | {p[0]} | {p[1]} |")
+        if "mle_lp_alpha" in r:
+            lines.append(f"\n{key}: length penalty {r['mle_lp_alpha']} was the best on validation "
+                         f"({r['mle_lp_val_bleu_by_alpha']})")
     for key, r in sorted(results.items()):
         if "transformers_agrees" in r:
             lines.append(f"\n{key}: plain transformers (generate, batch_decode) on rl.hf gives translate.py's greedy "

@@ -27,6 +27,18 @@ class EncoderDecoder(nn.Module):
     # repeat_state (samples, beams) keeps one copy per source instead of one per row
     groups_rows: bool = False
 
+    def share_weights(self, tie_embeddings: bool, share_embeddings: bool) -> None:
+        """Make the output projection ``generator`` the target embeddings ``tgt_emb`` (``tie_embeddings``)
+        and the source embeddings ``src_emb`` the target ones (``share_embeddings``: a joint vocabulary),
+        as the models' constructors ask."""
+        if tie_embeddings:
+            self.generator.weight = self.tgt_emb.weight
+        if share_embeddings:
+            if self.src_emb.num_embeddings != self.tgt_emb.num_embeddings:
+                raise ValueError(f"shared source and target embeddings need one vocabulary, got sizes "
+                                 f"{self.src_emb.num_embeddings} and {self.tgt_emb.num_embeddings}")
+            self.src_emb.weight = self.tgt_emb.weight
+
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:
         """Encode |src| = (batch_size, src_length) into a decoder state (batch first)."""
         raise NotImplementedError

@@ -24,6 +24,8 @@ class Seq2Seq(EncoderDecoder):
         dropout: between LSTM layers, on embeddings and on the attentional output.
         tie_embeddings: the output projection reuses the target embedding matrix
             (needs ``word_vec_size == hidden_size``).
+        share_embeddings: the source embeddings are the target embedding matrix (one vocabulary for
+            both languages: the vocabulary sizes must be equal).
     """
 
     source_state_keys = ("memory", "keys", "pad_mask")
@@ -38,6 +40,7 @@ class Seq2Seq(EncoderDecoder):
         n_layers: int = 4,
         dropout: float = 0.2,
         tie_embeddings: bool = False,
+        share_embeddings: bool = False,
     ):
         super().__init__()
         if hidden_size % 2:
@@ -56,8 +59,7 @@ class Seq2Seq(EncoderDecoder):
         self.attn = nn.Linear(hidden_size, hidden_size, bias=False)
         self.concat = nn.Linear(2 * hidden_size, hidden_size)
         self.generator = nn.Linear(hidden_size, tgt_vocab_size)
-        if tie_embeddings:
-            self.generator.weight = self.tgt_emb.weight
+        self.share_weights(tie_embeddings, share_embeddings)
         self.dropout = nn.Dropout(dropout)
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, Any]:

@@ -153,21 +153,21 @@ def append_to_cache(
 
 
 class FeedForward(nn.Sequential):
-    """Position-wise feed-forward block, 4 x hidden_size wide."""
+    """Position-wise feed-forward block, ``ffn_size`` wide."""
 
-    def __init__(self, hidden_size: int, dropout: float):
+    def __init__(self, hidden_size: int, ffn_size: int, dropout: float):
         super().__init__(
-            nn.Linear(hidden_size, 4 * hidden_size), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(4 * hidden_size, hidden_size),
+            nn.Linear(hidden_size, ffn_size), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(ffn_size, hidden_size),
         )
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, hidden_size: int, n_splits: int, dropout: float):
+    def __init__(self, hidden_size: int, n_splits: int, ffn_size: int, dropout: float):
         super().__init__()
         self.attn_norm, self.ffn_norm = nn.LayerNorm(hidden_size), nn.LayerNorm(hidden_size)
         self.attn = MultiHeadAttention(hidden_size, n_splits, dropout)
-        self.ffn = FeedForward(hidden_size, dropout)
+        self.ffn = FeedForward(hidden_size, ffn_size, dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -177,12 +177,12 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, hidden_size: int, n_splits: int, dropout: float):
+    def __init__(self, hidden_size: int, n_splits: int, ffn_size: int, dropout: float):
         super().__init__()
         self.self_norm, self.cross_norm, self.ffn_norm = (nn.LayerNorm(hidden_size) for _ in range(3))
         self.self_attn = MultiHeadAttention(hidden_size, n_splits, dropout)
         self.cross_attn = MultiHeadAttention(hidden_size, n_splits, dropout)
-        self.ffn = FeedForward(hidden_size, dropout)
+        self.ffn = FeedForward(hidden_size, ffn_size, dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -213,11 +213,14 @@ class Transformer(EncoderDecoder):
 
     Args:
         src_vocab_size, tgt_vocab_size: vocabulary sizes.
-        hidden_size: model size (the feed-forward blocks are 4x wider).
+        hidden_size: model size.
         n_splits: attention heads.
         n_layers: encoder blocks and decoder blocks.
         dropout: on embeddings, attention weights and residual branches.
         tie_embeddings: the output projection reuses the target embedding matrix.
+        ffn_size: width of the feed-forward blocks (None: 4 x hidden_size).
+        share_embeddings: the source embeddings are the target embedding matrix (one vocabulary for
+            both languages: the vocabulary sizes must be equal).
     """
 
     source_state_keys = ("src_mask", "cross_kv")
@@ -232,13 +235,16 @@ class Transformer(EncoderDecoder):
         n_layers: int = 6,
         dropout: float = 0.1,
         tie_embeddings: bool = False,
+        ffn_size: int | None = None,
+        share_embeddings: bool = False,
     ):
         super().__init__()
         self.hidden_size = hidden_size
+        ffn_size = ffn_size or 4 * hidden_size
         self.src_emb = nn.Embedding(src_vocab_size, hidden_size, padding_idx=PAD)
         self.tgt_emb = nn.Embedding(tgt_vocab_size, hidden_size, padding_idx=PAD)
-        self.encoder = nn.ModuleList(EncoderBlock(hidden_size, n_splits, dropout) for _ in range(n_layers))
-        self.decoder = nn.ModuleList(DecoderBlock(hidden_size, n_splits, dropout) for _ in range(n_layers))
+        self.encoder = nn.ModuleList(EncoderBlock(hidden_size, n_splits, ffn_size, dropout) for _ in range(n_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(hidden_size, n_splits, ffn_size, dropout) for _ in range(n_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(hidden_size), nn.LayerNorm(hidden_size)
         self.generator = nn.Linear(hidden_size, tgt_vocab_size)
         self.dropout = nn.Dropout(dropout)
@@ -246,8 +252,7 @@ class Transformer(EncoderDecoder):
             # unit variance after the sqrt(hidden_size) scaling, like the position encodings
             nn.init.normal_(emb.weight, std=hidden_size**-0.5)
             nn.init.zeros_(emb.weight[PAD])
-        if tie_embeddings:
-            self.generator.weight = self.tgt_emb.weight
+        self.share_weights(tie_embeddings, share_embeddings)
 
     def _embed(self, emb: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         # |ids| = (batch_size, length) -> (batch_size, length, hidden_size)
