@@ -409,7 +409,8 @@ def profile_precision(profile: dict, gpu_id: str) -> str:
 
 def draw_curves(results: dict, path: Path) -> None:
     """The validation BLEU of each epoch (greedy, as logged in training) of every run in ``results``: MLE as
-    a solid line, then the RL epochs from the best MLE checkpoint, dashed, as a PNG (matplotlib)."""
+    a solid line, then the RL epochs from the MLE checkpoint, dashed, and the MLE control's epochs from the
+    same checkpoint, dotted, as a PNG (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,11 +418,13 @@ def draw_curves(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, r in sorted(results.items()):
-        mle, rl = r.get("mle_valid_bleu_per_epoch", []), r.get("rl_valid_bleu_per_epoch", [])
+        mle = r.get("mle_valid_bleu_per_epoch", [])
         (line,) = ax.plot(range(1, len(mle) + 1), mle, marker="o", label=f"{key}: MLE")
-        if rl:
-            ax.plot(range(len(mle) + 1, len(mle) + len(rl) + 1), rl, marker="s", linestyle="--",
-                    color=line.get_color(), label=f"{key}: RL")
+        for phase, style, marker in (("rl", "--", "s"), ("control", ":", "^")):
+            after = r.get(f"{phase}_valid_bleu_per_epoch", [])
+            if after:
+                ax.plot(range(len(mle) + 1, len(mle) + len(after) + 1), after, marker=marker, linestyle=style,
+                        color=line.get_color(), label=f"{key}: {'RL' if phase == 'rl' else 'MLE control'}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation BLEU (greedy)")
     ax.grid(alpha=0.3)
