@@ -357,16 +357,16 @@ def write_arrays(folder: Path, key: str, fields: Sequence[TextField], lines: Seq
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        arrays = {}
+        arrays, side_lengths = {}, []
         for side, field, side_lines, side_pieces in zip(SIDES, fields, lines, pieces):
             ids, lengths = encode(field, side_lines, processes, side_pieces)
-            arrays.setdefault("lengths", []).append(lengths)
+            side_lengths.append(lengths)
             raw = [line.encode("utf-8") for line in side_lines]
             arrays[f"{side}.ids"] = ids
             arrays[f"{side}.offsets"] = _offsets_of(lengths)
             arrays[f"{side}.text"] = np.frombuffer(b"".join(raw), dtype=np.uint8)
             arrays[f"{side}.text_offsets"] = _offsets_of(np.fromiter(map(len, raw), np.int64, len(raw)))
-        arrays["lengths"] = np.stack(arrays["lengths"], axis=1).astype(np.int32)
+        arrays["lengths"] = np.stack(side_lengths, axis=1).astype(np.int32)  # (N, 2)
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", array, allow_pickle=False)
         manifest = {"format": FORMAT, "version": VERSION, "key": key, "pairs": len(lines[0]), "replaced": n_replaced,

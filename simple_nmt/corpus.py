@@ -149,9 +149,9 @@ def _open_or_build(config: Config, fields: tuple[TextField, TextField] | None, f
         except CacheError as e:
             log(f"{e}; building it again")
     if fields is not None:
-        folder = entry(fields)[0]
+        folder, key, sizes = entry(fields)
         try:
-            arrays = CorpusArrays(*entry(fields))
+            arrays = CorpusArrays(folder, key, sizes)
             log(f"{folder}: reusing the encoded training corpus")
             return fields, arrays
         except CacheError as e:
@@ -164,13 +164,13 @@ def _open_or_build(config: Config, fields: tuple[TextField, TextField] | None, f
         if fields is None:
             fields, pieces = fields_and_pieces(config, src, tgt, processes)
             save_fields(fields_fn, fields)
-        folder, key, _ = entry(fields)
+        folder, key, sizes = entry(fields)
         write_arrays(folder, key, fields, (src, tgt), n_replaced, processes, pieces)
     except OSError as e:
         raise DataError(f"{fields_fn.parent}: cannot write the corpus cache ({e.strerror or e}); pass --cache_dir "
                         "a writable folder, or --cache_dir off") from None
     log(f"{folder}: encoded the training corpus ({len(src)} pairs)")
-    return fields, CorpusArrays(*entry(fields))
+    return fields, CorpusArrays(folder, key, sizes)
 
 
 class Corpus:

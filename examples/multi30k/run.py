@@ -211,9 +211,9 @@ def read(path: Path) -> list[str]:
 
 def score(hyp_file: Path, ref_file: Path, protocol: str) -> dict[str, float]:
     """BLEU, chrF, BLEU's brevity penalty and the length ratio (output / reference length) of a translation."""
-    hyps, refs = read(hyp_file), read(ref_file)
-    bleu = metrics(protocol)["bleu"].corpus_score(hyps, [refs])
-    return {"bleu": round(bleu.score, 2), "chrf": round(metrics(protocol)["chrf"].corpus_score(hyps, [refs]).score, 2),
+    hyps, refs, scorers = read(hyp_file), read(ref_file), metrics(protocol)
+    bleu = scorers["bleu"].corpus_score(hyps, [refs])
+    return {"bleu": round(bleu.score, 2), "chrf": round(scorers["chrf"].corpus_score(hyps, [refs]).score, 2),
             "bp": round(bleu.bp, 3), "ratio": round(bleu.sys_len / max(bleu.ref_len, 1), 3)}
 
 
@@ -321,10 +321,10 @@ def pipeline(model: str, protocol: str, args: argparse.Namespace, row: dict, thr
         if model == "marian":  # a Hugging Face model, made from its config and trained from scratch
             made = make_marian(out / "start.hf", prefix("train"), profile["marian_model"], langs)
             script, first = "continue_train.py", ["--hf_model", str(made)]
-        elif args.resume and epoch_checkpoints(out):  # an exact resume of the interrupted run
-            script, first = "continue_train.py", ["--load_fn", str(epoch_checkpoints(out)[-1])]
-            earlier = logged_curve(log.read_text(encoding="utf-8"))[:len(epoch_checkpoints(out))]
-            row["mle_resumed_from"] = epoch_checkpoints(out)[-1].name
+        elif args.resume and (done := epoch_checkpoints(out)):  # an exact resume of the interrupted run
+            script, first = "continue_train.py", ["--load_fn", str(done[-1])]
+            earlier = logged_curve(log.read_text(encoding="utf-8"))[:len(done)]
+            row["mle_resumed_from"] = done[-1].name
         else:
             script, first = "train.py", []
         curve = run(script, *first, "--model_fn", str(out / "mle.pth"),
