@@ -289,6 +289,10 @@ class RLOptions(Options):
     rl_adv_norm: bool = option(
         False, "divide each source's advantages by the standard deviation of its K+1 rewards (as GRPO); a "
                "source whose rewards are all equal gets advantage 0")
+    rl_length_weight: float = option(
+        0.0, "subtract this weight times 100 |log(hypothesis length / reference length)|, in the tokens the reward "
+             "scores, from each sample's reward: a length term kept apart from the reward, e.g. with --rl_reward "
+             "bleu_precision (0: off)", minimum=0.0)
     rl_kl_weight: float = option(
         0.0, "subtract this weight times log P(y) - log P_start(y), the log-ratio of each sample to the frozen "
              "model RL started from, from its reward (a KL penalty, as in TRL)", minimum=0.0)

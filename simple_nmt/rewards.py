@@ -49,7 +49,7 @@ SMOOTH_DEFAULTS: dict[str, float | None] = {
     "exp": None,
 }
 
-REWARDS = ("bleu", "gleu", "chrf", "sacrebleu")
+REWARDS = ("bleu", "bleu_precision", "gleu", "chrf", "sacrebleu")
 
 # the keyword inputs a reward may name, each given one entry per scored row
 REWARD_INPUTS = ("src", "src_text", "hyp_text", "ref_text", "index")
@@ -220,6 +220,7 @@ def sentence_bleu(
     smooth: str = "exp",
     smooth_value: float | None = None,
     dtype: torch.dtype = torch.float32,
+    brevity_penalty: bool = True,
 ) -> torch.Tensor:
     """Sentence BLEU (0-100) of each hypothesis against its single reference.
 
@@ -243,6 +244,9 @@ def sentence_bleu(
         smooth: ``"exp"``, ``"floor"``, ``"add-k"`` or ``"none"``.
         smooth_value: the value of ``floor`` (default 0.1) or ``add-k``
             (default 1); ignored by the others.
+        brevity_penalty: False leaves BLEU's brevity penalty out: the geometric mean of the (smoothed)
+            n-gram precisions alone, which rewards no length (sacrebleu's score with the reference
+            length set to the hypothesis's).
 
     Returns:
         Float32 scores, ``(batch_size,)``, on the input device.
@@ -288,7 +292,9 @@ def sentence_bleu(
     mean_log = torch.log(safe_prec).sum(dim=1) / eff_order.clamp(min=1).to(compute)
 
     h_f, r_f = h_len.to(compute), r_len.to(compute)
-    bp = torch.where(h_len < r_len, torch.exp(1.0 - r_f / h_f.clamp(min=1.0)), torch.ones_like(h_f))
+    bp = torch.ones_like(h_f)
+    if brevity_penalty:
+        bp = torch.where(h_len < r_len, torch.exp(1.0 - r_f / h_f.clamp(min=1.0)), bp)
     score = torch.where(null, torch.zeros_like(bp), bp * torch.exp(mean_log))
     # |score| = (batch_size,)
     return score.to(dtype)
@@ -496,7 +502,9 @@ def get_reward(name: str, n_gram: int = 4, pad_id: int = 0) -> Reward:
     """Build a reward by name.
 
     Args:
-        name: ``"bleu"`` and ``"gleu"`` (tensor rewards on ids, ``(hyps, refs) -> (rows,)``),
+        name: ``"bleu"``, ``"bleu_precision"`` (BLEU without its brevity penalty: the n-gram precisions
+            alone, for a length term kept apart, ``rl_length_weight``) and ``"gleu"`` (tensor rewards on
+            ids, ``(hyps, refs) -> (rows,)``),
             ``"sacrebleu"`` and ``"chrf"`` (text rewards, ``SacreBLEUReward``, which take
             ``hyp_text`` and ``ref_text``), or ``"module:function"``: a reward of your own, imported.
         n_gram: the largest n-gram order (ignored by chrF and by imported rewards).
@@ -510,6 +518,12 @@ def get_reward(name: str, n_gram: int = 4, pad_id: int = 0) -> Reward:
             return sentence_bleu(hyps, refs, pad_id, max_order=n_gram)
 
         return bleu
+    if name == "bleu_precision":
+
+        def bleu_precision(hyps: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+            return sentence_bleu(hyps, refs, pad_id, max_order=n_gram, brevity_penalty=False)
+
+        return bleu_precision
     if name == "gleu":
 
         def gleu(hyps: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:

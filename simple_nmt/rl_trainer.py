@@ -331,7 +331,7 @@ class Rollout:
 
     candidates: torch.Tensor  # |candidates| = (batch_size * n, length): EOS-ended unless cut, then PAD
     rewards: torch.Tensor  # |rewards| = (batch_size, n): the reward of each candidate
-    scores: torch.Tensor  # |scores| = (batch_size, n): the rewards, shaped by the KL penalty if on
+    scores: torch.Tensor  # |scores| = (batch_size, n): the rewards, shaped by the length term and KL penalty if on
     actors: torch.Tensor  # |actors| = (n,): bool, the candidates that get a gradient
     baselines: torch.Tensor  # |baselines| = (batch_size, n): what each candidate's score is compared with
     log_ratio: torch.Tensor | None = None  # |log_ratio| = (batch_size, n): log P - log P_start (KL penalty)
@@ -552,7 +552,8 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
 
     def score(self, batch: Mapping[str, torch.Tensor], ids: torch.Tensor, log_p: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The rewards of outputs against their sources' references, shaped by the KL penalty.
+        """The rewards of outputs against their sources' references, shaped by the length term and the KL
+        penalty.
 
         Args:
             ids: |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1,
@@ -560,8 +561,10 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             log_p: |log_p| = (batch_size * n,), their log P from the search, for the KL penalty (None: off).
 
         Returns:
-            The rewards and the scores, |rewards| = |scores| = (batch_size, n) (the same tensor without
-            the KL penalty), and the log-ratio to the start model, (batch_size, n), or None.
+            The rewards and the scores, |rewards| = |scores| = (batch_size, n): the scores are the rewards
+            minus ``rl_length_weight`` times 100 |log(hypothesis length / reference length)| and minus
+            ``rl_kl_weight`` times the log-ratio to the start model (the same tensor with neither); and
+            that log-ratio, (batch_size, n), or None.
         """
         batch_size = batch["src"].size(0)
         hyps = strip_eos(ids, self.special_ids)  # |hyps| = (batch_size * n, length)
@@ -570,19 +573,28 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         rewards = checked_scores(out, hyps.size(0), self._reward_label, check_finite=not self._reward_checked)
         self._reward_checked = True
         rewards = rewards.view(batch_size, -1)
+        scores = rewards
+        if self.config.rl_length_weight > 0:
+            pad = self.special_ids.pad
+            # an empty side counts as one token, so that the term stays finite
+            ratio = (hyps != pad).sum(dim=1).clamp(min=1) / (refs != pad).sum(dim=1).clamp(min=1)
+            # |ratio| = (batch_size * n,)
+            length_term = 100.0 * ratio.log().abs().view(batch_size, -1).to(rewards.dtype)
+            scores = scores - self.config.rl_length_weight * length_term
         if log_p is None:
-            return rewards, rewards, None
+            return rewards, scores, None
         log_ratio = self.log_ratio(batch["src"], batch["src_lengths"], ids, log_p).view(batch_size, -1)
-        return rewards, rewards - self.config.rl_kl_weight * log_ratio, log_ratio
+        return rewards, scores - self.config.rl_kl_weight * log_ratio, log_ratio
 
     def rollout(self, batch: Mapping[str, torch.Tensor]) -> Rollout:
         """The candidates of every source and what the loss needs of them, without a graph (``compute_loss``
         runs it under ``torch.no_grad()``): an extension point, overridable alone.
 
         The candidates are K + 1 samples per source (``rl_n_samples``) and/or the n-best list of a beam
-        search (``rl_n_best``, ``rl_n_best_only``); their rewards, shaped by the log-ratio to the frozen
-        start model with ``rl_kl_weight``; the greedy output's score (``rl_baseline greedy``, shaped
-        the same way); which candidates get a gradient, and their baselines (MRT: all, baseline 0).
+        search (``rl_n_best``, ``rl_n_best_only``); their rewards, shaped by the length term
+        (``rl_length_weight``) and the log-ratio to the frozen start model (``rl_kl_weight``); the greedy
+        output's score (``rl_baseline greedy``, shaped the same way); which candidates get a gradient, and
+        their baselines (MRT: all, baseline 0).
         """
         c = self.config
         src, src_lengths = batch["src"], batch["src_lengths"]

@@ -119,6 +119,25 @@ def test_bleu_matches_sacrebleu(pairs, max_order, smooth, smooth_value):
     _close(got, _sacrebleu(hyps, refs, max_order, smooth, smooth_value))
 
 
+@pytest.mark.parametrize("smooth,smooth_value", SMOOTHS)
+def test_bleu_without_brevity_penalty_is_sacrebleus_score_over_its_brevity_penalty(pairs, smooth, smooth_value):
+    hyps, refs, h, r = pairs
+    metric = sacrebleu.metrics.BLEU(tokenize="none", smooth_method=smooth, smooth_value=smooth_value,
+                                    effective_order=True)
+    scores = [metric.sentence_score(_join(hyp), [_join(ref)]) for hyp, ref in zip(hyps, refs)]
+    expected = [s.score / s.bp if s.bp > 0 else 0.0 for s in scores]  # sacrebleu's score is bp * precisions
+    got = sentence_bleu(h, r, PAD, smooth=smooth, smooth_value=smooth_value, brevity_penalty=False)
+    _close(got, torch.tensor(expected, dtype=torch.float64))
+    short = torch.tensor([0 < len(a) < len(b) for a, b in zip(hyps, refs)])
+    assert (got[short] > sentence_bleu(h, r, PAD, smooth=smooth, smooth_value=smooth_value)[short]).any()
+
+
+def test_the_bleu_precision_reward_is_bleu_without_its_brevity_penalty(pairs):
+    _, _, h, r = pairs
+    reward = get_reward("bleu_precision", n_gram=3, pad_id=PAD)
+    torch.testing.assert_close(reward(h, r), sentence_bleu(h, r, PAD, max_order=3, brevity_penalty=False))
+
+
 @pytest.mark.parametrize("smooth,smooth_value", CUSTOM_SMOOTHS)
 def test_bleu_custom_smooth_values(pairs, smooth, smooth_value):
     hyps, refs, h, r = pairs
@@ -423,7 +442,7 @@ def test_sacrebleu_reward_errors():
 
 def test_get_reward_names(pairs):
     _, _, h, r = pairs
-    assert set(REWARDS) == {"bleu", "gleu", "chrf", "sacrebleu"}
+    assert set(REWARDS) == {"bleu", "bleu_precision", "gleu", "chrf", "sacrebleu"}
     torch.testing.assert_close(get_reward("bleu")(h, r), sentence_bleu(h, r, PAD))
     torch.testing.assert_close(get_reward("gleu")(h, r), sentence_gleu(h, r, PAD))
     torch.testing.assert_close(get_reward("bleu", n_gram=2)(h, r), sentence_bleu(h, r, PAD, max_order=2))
@@ -435,7 +454,7 @@ def test_get_reward_names(pairs):
 
 
 def test_get_reward_errors():
-    with pytest.raises(ValueError, match="unknown reward 'rouge'; known: bleu, gleu, chrf, sacrebleu"):
+    with pytest.raises(ValueError, match="unknown reward 'rouge'; known: bleu, bleu_precision, gleu, chrf, sacrebleu"):
         get_reward("rouge")
 
 

@@ -454,6 +454,31 @@ def test_kl_penalty_shapes_each_reward_by_the_log_ratio_to_the_frozen_start_mode
     assert torch.equal(engine.reference.theta, start)  # frozen
 
 
+def test_length_term_and_kl_penalty_shape_each_reward_apart_from_the_reward_itself():
+    torch.manual_seed(5)
+    model = Unigram()
+    engine = engine_for(model, rl_baseline="loo", rl_length_weight=0.3, rl_kl_weight=0.7)
+    with torch.no_grad():
+        engine.reference.theta.copy_(torch.tensor([0.0, 0.0, 0.0, -0.4, 0.9, 0.2, -0.3]))
+        start = engine.reference.theta.clone()
+    loss, output = engine.compute_loss(make_batch())
+    loss.backward()
+    ids = engine.samples[0]
+    hyps = strip_eos(ids)
+    rewards = count_token_4(hyps, None).view(3, 4)
+    # the references are "4 4": two tokens; an empty hypothesis counts as one
+    lengths = (hyps != PAD).sum(dim=1).clamp(min=1).double()
+    length_term = (100 * (lengths / 2).log().abs()).view(3, 4)
+    assert length_term.max() > 0  # samples of other lengths than the reference's: the term is exercised
+    log_ratio = (unigram_log_p(model.theta.detach(), ids) - unigram_log_p(start, ids)).view(3, 4)
+    scores = rewards - 0.3 * length_term.float() - 0.7 * log_ratio
+    advantage = scores - (scores.sum(1, keepdim=True) - scores) / 3
+    grads = analytic_log_prob_grad(model, ids).view(3, 4, VOCAB)
+    torch.testing.assert_close(model.theta.grad, -(advantage[..., None] * grads).mean(dim=(0, 1)),
+                               atol=1e-4, rtol=1e-4)
+    assert output["reward"] == pytest.approx(float(rewards.mean()), abs=1e-5)  # the reward as it is, unshaped
+
+
 @pytest.mark.parametrize("objective", ["reinforce", "mrt"])
 def test_advantages_normalised_per_source_by_the_std_of_its_rewards(objective):
     torch.manual_seed(3)

@@ -132,7 +132,7 @@ PROFILES["strong"] = {
                "--optimizer", "adam", "--label_smoothing", "0.1", "--early_stop", "8"],
     "transformer": ["--use_transformer", "--hidden_size", "128", "--n_layers", "4", "--n_splits", "4",
                     "--ffn_size", "256", "--dropout", "0.3", "--max_tokens", "3000", "--lr", "4e-3",
-                    "--warmup_steps", "1500", "--n_epochs", "60"],
+                    "--warmup_steps", "1500", "--n_epochs", "28"],
     "seq2seq": ["--word_vec_size", "256", "--hidden_size", "256", "--n_layers", "2", "--dropout", "0.3",
                 "--batch_size", "64", "--lr", "2e-3", "--n_epochs", "16", "--lr_step", "1", "--lr_gamma", "0.7",
                 "--lr_decay_start", "8"],
