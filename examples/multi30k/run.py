@@ -125,8 +125,8 @@ PROFILES["converged"] = {
 
 # what the published text-only Multi30k Transformers use (Wu et al., 2021: Transformer-tiny, 4 layers, d=128,
 # 4 heads, FFN 256, dropout 0.3, a joint subword vocabulary with every embedding shared, batches of tokens, an
-# inverse-square-root schedule, the last checkpoints averaged), at a budget of one session on 2 CPU cores per
-# model (28 epochs of about 2 minutes with two threads, then RL and both controls); the published run trains
+# inverse-square-root schedule, the last checkpoints averaged), at a budget of about two hours on 2 CPU cores
+# per model (28 epochs of about 2 minutes with two threads, then RL and both controls); the published run trains
 # about four times as many tokens (8,000 updates of 8,192 tokens). RL from its checkpoints with the converged
 # profile's protocol
 PROFILES["strong"] = {
