@@ -550,6 +550,20 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             inputs["hyp_text"] = [self.tgt_field.to_text(h) for h in hyps.tolist()]
         return inputs
 
+    def lengths(self, batch: Mapping[str, torch.Tensor], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token counts of outputs and of their sources' references, EOS and PAD not counted.
+
+        Args:
+            ids: |ids| = (batch_size * n, length), the n outputs of source i in rows i*n .. i*n + n - 1.
+
+        Returns:
+            |hyp_lengths| = |ref_lengths| = (batch_size * n,).
+        """
+        pad, n = self.special_ids.pad, ids.size(0) // batch["src"].size(0)
+        hyp_lengths = (strip_eos(ids, self.special_ids) != pad).sum(dim=1)
+        ref_lengths = (target_ids(batch, self.special_ids) != pad).sum(dim=1).repeat_interleave(n)
+        return hyp_lengths, ref_lengths
+
     def score(self, batch: Mapping[str, torch.Tensor], ids: torch.Tensor, log_p: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The rewards of outputs against their sources' references, shaped by the length term and the KL
@@ -575,10 +589,9 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         rewards = rewards.view(batch_size, -1)
         scores = rewards
         if self.config.rl_length_weight > 0:
-            pad = self.special_ids.pad
+            hyp_lengths, ref_lengths = self.lengths(batch, ids)
             # an empty side counts as one token, so that the term stays finite
-            ratio = (hyps != pad).sum(dim=1).clamp(min=1) / (refs != pad).sum(dim=1).clamp(min=1)
-            # |ratio| = (batch_size * n,)
+            ratio = hyp_lengths.clamp(min=1) / ref_lengths.clamp(min=1)  # |ratio| = (batch_size * n,)
             length_term = 100.0 * ratio.log().abs().view(batch_size, -1).to(rewards.dtype)
             scores = scores - self.config.rl_length_weight * length_term
         if log_p is None:
@@ -625,7 +638,7 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
             The loss and the metrics of ``metric_names``.
         """
         c, specials = self.config, self.special_ids
-        batch_size, n = rollout.scores.shape
+        batch_size = rollout.scores.size(0)
         actors = rollout.actors
         rows = actors.repeat(batch_size)  # |rows| = (batch_size * n,)
         log_p = sequence_log_probs(self.model, batch["src"], batch["src_lengths"], rollout.candidates[rows],
@@ -645,8 +658,7 @@ class MinimumRiskTrainingEngine(MaximumLikelihoodEstimationEngine):
         if c.rl_mle_weight > 0:
             loss = loss + c.rl_mle_weight * super().compute_loss(batch)[0]
 
-        output_lengths = (strip_eos(rollout.candidates, specials) != specials.pad).sum(dim=1).float()
-        ref_lengths = (target_ids(batch, specials) != specials.pad).sum(dim=1).float().repeat_interleave(n)
+        output_lengths, ref_lengths = self.lengths(batch, rollout.candidates)
         metrics = {
             "loss": float(loss.detach()),
             "reward": float(rollout.rewards[:, actors].mean()),
