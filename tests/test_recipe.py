@@ -182,3 +182,31 @@ def test_every_profile_sets_what_its_runs_read_and_a_model_without_settings_is_n
                   "--workdir", str(tmp_path / "work"))
     assert proc.returncode == 2
     assert "--models: the converged profile has no settings for marian" in proc.stderr
+
+
+def test_paired_p_values_are_sacrebleus_and_an_output_identical_to_the_baseline_gets_p_1(tmp_path: Path) -> None:
+    import importlib.util
+
+    from sacrebleu.significance import PairedTest
+
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "examples/multi30k/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    refs, base = make_corpus(40, seed=3)[1], make_corpus(40, seed=4)[1]
+    other = [line if i % 3 else ref for i, (line, ref) in enumerate(zip(base, refs))]  # a third of them right
+    files = {}
+    for name, lines in (("ref", refs), ("base", base), ("same", base), ("other", other)):
+        files[name] = tmp_path / name
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    p = module.paired_p_values(files["base"], {"same": files["same"], "other": files["other"]}, files["ref"], "tok")
+    assert list(p) == ["same", "other"] and p["same"] == {"bleu": 1.0, "chrf": 1.0}
+    # the other system's are sacrebleu's own (its bootstrap has a fixed seed)
+    _, results = PairedTest([("baseline", base), ("other", other)], module.metrics("tok"), [refs], test_type="bs",
+                            n_samples=1000)()
+    theirs = [column[1].p_value for key, column in results.items() if key != "System"]
+    assert [p["other"]["bleu"], p["other"]["chrf"]] == [round(v, 4) for v in theirs]
+    assert p["other"]["bleu"] < 0.05  # a third of the lines made right is a real difference
+    # sacrebleu alone gives the identical output its smallest p-value, which is what p = 1 replaces
+    _, alone = PairedTest([("baseline", base), ("same", base)], module.metrics("tok"), [refs], test_type="bs",
+                          n_samples=1000)()
+    assert all(column[1].p_value < 0.01 for key, column in alone.items() if key != "System")

@@ -221,16 +221,25 @@ def score(hyp_file: Path, ref_file: Path, protocol: str) -> dict[str, float]:
 
 def paired_p_values(baseline: Path, systems: dict[str, Path], ref_file: Path, protocol: str) -> dict[str, dict]:
     """``sacrebleu --paired-bs`` (1,000 resamples) of each system against ``baseline``: the p-values of BLEU and
-    chrF, by system name."""
+    chrF, by system name.
+
+    A system whose output is the baseline's, line for line (the length-penalty control where the default
+    penalty is the best), gets p = 1 for both: sacrebleu counts only resampled differences larger than the
+    observed one, so that it would give such a system its smallest p-value, 1 / 1001.
+    """
     from sacrebleu.significance import PairedTest
 
-    names = list(systems)
-    test = PairedTest([("baseline", read(baseline)), *((name, read(systems[name])) for name in names)],
-                      metrics(protocol), [read(ref_file)], test_type="bs", n_samples=1000)
-    _, results = test()  # by system name, then a column per metric named as sacrebleu names it (BLEU, chrF2)
-    columns = dict(zip(("bleu", "chrf"), (column for key, column in results.items() if key != "System")))
-    return {name: {metric: round(column[i + 1].p_value, 4) for metric, column in columns.items()}
-            for i, name in enumerate(names)}
+    base, outputs = read(baseline), {name: read(path) for name, path in systems.items()}
+    p_values = {name: {"bleu": 1.0, "chrf": 1.0} for name, lines in outputs.items() if lines == base}
+    names = [name for name in outputs if name not in p_values]
+    if names:
+        test = PairedTest([("baseline", base), *((name, outputs[name]) for name in names)],
+                          metrics(protocol), [read(ref_file)], test_type="bs", n_samples=1000)
+        _, results = test()  # by system name, then a column per metric named as sacrebleu names it (BLEU, chrF2)
+        columns = dict(zip(("bleu", "chrf"), (column for key, column in results.items() if key != "System")))
+        p_values.update({name: {metric: round(column[i + 1].p_value, 4) for metric, column in columns.items()}
+                         for i, name in enumerate(names)})
+    return {name: p_values[name] for name in systems}
 
 
 def option_value(options: list[str], name: str) -> str | None:
