@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import sacrebleu
 from conftest import run_script
@@ -30,6 +32,14 @@ def multi30k_like(folder: Path, langs: tuple[str, str] = ("en", "de")) -> Path:
 
 def recipe(*args: str) -> subprocess.CompletedProcess:
     return run_script("examples/multi30k/run.py", *args, check=False, timeout=600)
+
+
+def recipe_module() -> ModuleType:
+    """examples/multi30k/run.py imported as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "examples/multi30k/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_recipe_trains_fine_tunes_and_scores_both_models_and_names_a_failing_run(tmp_path: Path) -> None:
@@ -148,11 +158,7 @@ def test_rl_only_without_an_mle_run_names_the_model(tmp_path: Path) -> None:
 
 
 def test_every_profile_sets_what_its_runs_read_and_a_model_without_settings_is_named(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "examples/multi30k/run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = recipe_module()
     for name, profile in module.PROFILES.items():
         assert {"common", "transformer", "seq2seq", "rl", "rl_sentences"} <= profile.keys(), name
         for model in ("transformer", "seq2seq"):  # what train.py is given makes a config (sizes that fit included)
@@ -185,13 +191,9 @@ def test_every_profile_sets_what_its_runs_read_and_a_model_without_settings_is_n
 
 
 def test_paired_p_values_are_sacrebleus_and_an_output_identical_to_the_baseline_gets_p_1(tmp_path: Path) -> None:
-    import importlib.util
-
     from sacrebleu.significance import PairedTest
 
-    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).parents[1] / "examples/multi30k/run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = recipe_module()
     refs, base = make_corpus(40, seed=3)[1], make_corpus(40, seed=4)[1]
     other = [line if i % 3 else ref for i, (line, ref) in enumerate(zip(base, refs))]  # a third of them right
     files = {}
